@@ -1,0 +1,262 @@
+"""Configurations of AutoMAE: the masked autoencoder (`AutoMAEConfig`) and its mask generator."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# Teacher families whose attention the mask generator knows how to read (see `teacher.py`).
+SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2")
+# ViT encoder fields that describe the student's architecture; the default teacher copies them.
+ENCODER_ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+)
+
+
+# Every Auto class one folder loads with, written into the config so that `trust_remote_code` works through each
+# of them (save_pretrained alone records only the saving class; shared pitfalls §7).
+AUTOMAE_AUTO_MAP = {
+    "AutoConfig": "configuration_automae.AutoMAEConfig",
+    "AutoModel": "modeling_automae.AutoMAEModel",
+    "AutoModelForPreTraining": "modeling_automae.AutoMAEForPreTraining",
+    "AutoModelForImageClassification": "modeling_automae.AutoMAEForImageClassification",
+}
+MASK_GENERATOR_AUTO_MAP = {
+    "AutoConfig": "configuration_automae.AutoMAEMaskGeneratorConfig",
+    "AutoModel": "modeling_automae.AutoMAEMaskGenerator",
+}
+
+
+def _set_auto_map(config, auto_map: dict) -> None:
+    existing = dict(getattr(config, "auto_map", None) or {})
+    config.auto_map = {**auto_map, **existing}
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"AutoMAE config: `{field}` {message}")
+
+
+def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
+    """K, the number of patches the encoder sees: MAE's `int(L * (1 - mask_ratio))`."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def validate_grid(image_size, patch_size, num_channels) -> tuple[int, int]:
+    """Checks an image/patch geometry and returns the patch grid (rows, columns)."""
+    (height, width), (patch_h, patch_w) = _pair(image_size), _pair(patch_size)
+    _check(min(height, width) > 0, "image_size", f"must be positive, got {image_size}")
+    _check(min(patch_h, patch_w) > 0, "patch_size", f"must be positive, got {patch_size}")
+    _check(
+        height % patch_h == 0 and width % patch_w == 0,
+        "patch_size",
+        f"({patch_size}) must divide image_size ({image_size}) exactly",
+    )
+    _check(num_channels > 0, "num_channels", f"must be positive, got {num_channels}")
+    return height // patch_h, width // patch_w
+
+
+def validate_teacher_config(teacher_config: dict | None) -> None:
+    if teacher_config is None:
+        return
+    _check(isinstance(teacher_config, dict), "teacher_config", f"must be a dict, got {type(teacher_config).__name__}")
+    model_type = teacher_config.get("model_type")
+    _check(
+        model_type in SUPPORTED_TEACHER_TYPES,
+        "teacher_config",
+        f"must name a ViT-family `model_type` in {SUPPORTED_TEACHER_TYPES}, got {model_type!r}",
+    )
+
+
+def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
+    _check(0 < mask_ratio < 1, "mask_ratio", f"must lie in (0, 1), got {mask_ratio}")
+    visible = num_visible_patches(num_patches, mask_ratio)
+    _check(visible >= 1, "mask_ratio", f"={mask_ratio} leaves no visible patch out of {num_patches}")
+    _check(visible < num_patches, "mask_ratio", f"={mask_ratio} masks no patch out of {num_patches}")
+    _check(math.isfinite(mask_factor) and mask_factor >= 0, "mask_factor", f"must be finite and >= 0, got {mask_factor}")
+    _check(math.isfinite(gumbel_tau) and gumbel_tau > 0, "gumbel_tau", f"must be finite and > 0, got {gumbel_tau}")
+
+
+class AutoMAEConfig(PreTrainedConfig):
+    r"""
+    Configuration of an AutoMAE model: a ViTMAE student (same fields, names, meanings and defaults as
+    [`ViTMAEConfig`]), a mask generator reading a frozen teacher's attention, and a small discriminator.
+
+    AutoMAE-specific arguments:
+        mask_factor (`float`, defaults to 0.5):
+            beta: how much the learned top-K raises the masking noise. 0 gives plain MAE; 0.5 masks the K top-scoring
+            patches essentially always.
+        adversarial_weight (`float`, defaults to 0.2):
+            lambda: the generator loss weight in `loss = reconstruction_loss + lambda * generator_loss`.
+        gumbel_tau (`float`, defaults to 1.0):
+            Temperature of the Gumbel-Softmax sample over patches.
+        box_prior_alpha (`float`, defaults to 0.5):
+            Value inside the random rectangle of the pseudo-real masks that the discriminator learns from.
+        score_hidden_channels (`int`, defaults to 6):
+            Channels of the score head's hidden convolution (6 in the reference).
+        teacher_config (`dict`, *optional*):
+            Config dict (with `model_type` in `vit_mae`, `vit`, `dinov2`) of the frozen teacher. `None` gives a
+            `vit_mae` teacher with the student's encoder architecture, as in the reference.
+        teacher_name_or_path (`str`, *optional*):
+            Hub id or folder of the teacher's weights, loaded when a checkpoint does not carry them.
+        pooling (`str`, defaults to `"cls"`):
+            `"cls"` or `"mean"` (mean of the patch tokens): what `pooler_output` and the classification head use.
+    """
+
+    model_type = "automae"
+
+    # ---- ViTMAEConfig fields, same defaults ----
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: Any = 224
+    patch_size: Any = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    decoder_num_attention_heads: int = 16
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_intermediate_size: int = 2048
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    # ---- AutoMAE ----
+    mask_factor: float = 0.5
+    adversarial_weight: float = 0.2
+    gumbel_tau: float = 1.0
+    box_prior_alpha: float = 0.5
+    score_hidden_channels: int = 6
+    teacher_config: dict | None = None
+    teacher_name_or_path: str | None = None
+    pooling: str = "cls"
+
+    def __post_init__(self, **kwargs):
+        # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        if hasattr(self.teacher_config, "to_dict"):
+            self.teacher_config = self.teacher_config.to_dict()
+        _set_auto_map(self, AUTOMAE_AUTO_MAP)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises a `ValueError` naming the field of any impossible setting."""
+        super_validate = getattr(super(), "validate", None)
+        if callable(super_validate):
+            super_validate()
+        grid = validate_grid(self.image_size, self.patch_size, self.num_channels)
+        for prefix in ("", "decoder_"):
+            hidden, heads = getattr(self, f"{prefix}hidden_size"), getattr(self, f"{prefix}num_attention_heads")
+            _check(heads > 0 and hidden % heads == 0, f"{prefix}hidden_size",
+                   f"({hidden}) must be a multiple of {prefix}num_attention_heads ({heads})")
+            _check(getattr(self, f"{prefix}num_hidden_layers") >= 0, f"{prefix}num_hidden_layers", "must be >= 0")
+        validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
+        _check(self.adversarial_weight >= 0, "adversarial_weight", f"must be >= 0, got {self.adversarial_weight}")
+        _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
+        _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
+        _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
+        validate_teacher_config(self.teacher_config)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) of the student."""
+        return validate_grid(self.image_size, self.patch_size, self.num_channels)
+
+    @property
+    def num_patches(self) -> int:
+        rows, columns = self.grid_size
+        return rows * columns
+
+    def default_teacher_config(self) -> dict:
+        """The teacher's config dict: `teacher_config`, or a ViTMAE encoder shaped like the student."""
+        if self.teacher_config is not None:
+            return dict(self.teacher_config)
+        fields = {name: getattr(self, name) for name in ENCODER_ARCHITECTURE_FIELDS}
+        return {"model_type": "vit_mae", **fields}
+
+    def mask_generator_config(self) -> "AutoMAEMaskGeneratorConfig":
+        """The config of this model's `AutoMAEMaskGenerator`."""
+        return AutoMAEMaskGeneratorConfig(
+            teacher_config=self.default_teacher_config(),
+            teacher_name_or_path=self.teacher_name_or_path,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            mask_ratio=self.mask_ratio,
+            mask_factor=self.mask_factor,
+            gumbel_tau=self.gumbel_tau,
+            score_hidden_channels=self.score_hidden_channels,
+        )
+
+
+class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`AutoMAEMaskGenerator`]: a frozen ViT-family teacher, a score head over its CLS attention
+    maps, and Gumbel-Softmax + straight-through top-K sampling on the student's patch grid.
+
+    Args:
+        teacher_config (`dict`): config dict of the teacher, with `model_type` in `vit_mae`, `vit`, `dinov2`.
+        teacher_name_or_path (`str`, *optional*): where the teacher's weights come from.
+        image_size, patch_size, num_channels: the **student's** geometry; the mask lives on its patch grid.
+        mask_ratio, mask_factor, gumbel_tau, score_hidden_channels: as in [`AutoMAEConfig`].
+    """
+
+    model_type = "automae_mask_generator"
+
+    teacher_config: dict | None = None
+    teacher_name_or_path: str | None = None
+    image_size: Any = 224
+    patch_size: Any = 16
+    num_channels: int = 3
+    mask_ratio: float = 0.75
+    mask_factor: float = 0.5
+    gumbel_tau: float = 1.0
+    score_hidden_channels: int = 6
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        if hasattr(self.teacher_config, "to_dict"):
+            self.teacher_config = self.teacher_config.to_dict()
+        _set_auto_map(self, MASK_GENERATOR_AUTO_MAP)
+        if self.teacher_config is None:  # a ViT-B/16 MAE, the reference teacher
+            self.teacher_config = {"model_type": "vit_mae", "image_size": self.image_size, "patch_size": 16}
+        grid = validate_grid(self.image_size, self.patch_size, self.num_channels)
+        validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
+        validate_teacher_config(self.teacher_config)
+        _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return validate_grid(self.image_size, self.patch_size, self.num_channels)
+
+    @property
+    def num_patches(self) -> int:
+        rows, columns = self.grid_size
+        return rows * columns
+
+
+__all__ = ["AutoMAEConfig", "AutoMAEMaskGeneratorConfig"]

@@ -1,0 +1,929 @@
+"""AutoMAE: masked autoencoders that learn where to mask (Chen et al., arXiv 2303.06583).
+
+Reading order follows the data: building blocks of the ViT student (named so checkpoints carry the keys that
+transformers writes for ViTMAE), the encoder `AutoMAEModel`, the mask generator (frozen teacher + score head +
+Gumbel top-K), the discriminator, `AutoMAEForPreTraining` (reconstruction + adversarial losses), and the
+classification head. The method itself is `shared/docs/automae_method.md`; section numbers below refer to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
+from .masking import argsort_masking, gumbel_softmax_sample, sample_box_prior, straight_through_topk
+from .teacher import build_teacher, resize_attention, teacher_class, teacher_cls_attention, teacher_init_kwargs
+
+# Hub ViTMAE checkpoints (facebook/vit-mae-*) name decoder blocks `decoder.decoder_layers.N`, which is what we use;
+# transformers 5.x writes `decoder.decoder_encoder.layer.N` (its `encoder.layer.`->`layers.` rename reversed inside
+# `decoder_layers.`). Both load.
+CHECKPOINT_KEY_MAPPING = {r"decoder\.decoder_encoder\.layer\.": "decoder.decoder_layers."}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class AutoMAEMaskGeneratorOutput(ModelOutput):
+    """
+    Args:
+        mask (`[B, L]`): 1 for masked patches, 0 for visible ones, in patch order.
+        ids_restore (`[B, L]`): undoes the keep-first shuffle, as in ViTMAE.
+        ids_keep (`[B, K]`): indices of the visible patches.
+        mask_logits (`[B, L]`): log-softmax scores of the score head over patches.
+        mask_probs (`[B, L]`): p, the soft Gumbel-Softmax sample whose top-K is masked (differentiable).
+        raised_noise (`[B, L]`): gamma = noise + beta * straight-through top-K (differentiable w.r.t. p).
+        teacher_attention (`[B, heads, h, w]`): the teacher's CLS attention on the student's grid.
+    """
+
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    ids_keep: torch.LongTensor | None = None
+    mask_logits: torch.Tensor | None = None
+    mask_probs: torch.Tensor | None = None
+    raised_noise: torch.Tensor | None = None
+    teacher_attention: torch.Tensor | None = None
+
+
+@dataclass
+class AutoMAEForPreTrainingOutput(ModelOutput):
+    """
+    Args:
+        loss: reconstruction_loss + adversarial_weight * generator_loss (what the student + score head minimise).
+        reconstruction_loss: MAE's per-patch MSE over masked patches.
+        generator_loss: mean((D(p) - 1)^2), D's weights held fixed.
+        logits (`[B, L, p*p*C]`): pixel predictions for every patch.
+        mask (`[B, L]`), ids_restore (`[B, L]`): as in ViTMAE.
+        mask_probs (`[B, L]`): p, the soft sample that chose this step's top-K and that D judges.
+        mask_logits (`[B, L]`): the score head's log-probabilities.
+        teacher_attention (`[B, heads, h, w]`): reusable for the D step.
+    """
+
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    generator_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    mask_probs: torch.Tensor | None = None
+    mask_logits: torch.Tensor | None = None
+    teacher_attention: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class AutoMAEDiscriminatorOutput(ModelOutput):
+    """
+    Args:
+        loss: least-squares GAN loss mean((D(real) - 1)^2) + mean(D(fake)^2).
+        real_scores, fake_scores (`[B]`): raw D scores of box-prior and generated mask distributions.
+        real_accuracy, fake_accuracy: share of real scored > 0.5 and of fake scored < 0.5.
+    """
+
+    loss: torch.Tensor | None = None
+    real_scores: torch.Tensor | None = None
+    fake_scores: torch.Tensor | None = None
+    real_accuracy: torch.Tensor | None = None
+    fake_accuracy: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Student building blocks (ViT; module paths = the keys transformers saves for ViTMAE / ViT)
+# --------------------------------------------------------------------------------------------------------------
+def sincos_position_embedding(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table, `[1 + h*w, dim]` (a zero row for CLS), laid out exactly as the released MAE
+    and transformers' ViTMAE weights: [sin/cos of the column | sin/cos of the row]."""
+    if dim % 4:
+        raise ValueError(f"Sin-cos position embeddings need a hidden size divisible by 4, got {dim}")
+    rows, columns = grid_size
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    row, column = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64), indexing="ij"
+    )
+    by_column, by_row = column.flatten().outer(omega), row.flatten().outer(omega)
+    table = torch.cat([by_column.sin(), by_column.cos(), by_row.sin(), by_row.cos()], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
+    return table.float()
+
+
+def _interpolate_positions(table: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]):
+    """Bicubic resize of a `[1, 1 + h*w, D]` table to a new grid, CLS row untouched."""
+    if tuple(grid_size) == tuple(new_grid):
+        return table
+    dim = table.shape[-1]
+    patch_table = table[:, 1:].reshape(1, *grid_size, dim).permute(0, 3, 1, 2)
+    patch_table = F.interpolate(patch_table.float(), size=new_grid, mode="bicubic", align_corners=False)
+    patch_table = patch_table.to(table.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([table[:, :1], patch_table], dim=1)
+
+
+class AutoMAEPatchEmbeddings(nn.Module):
+    """`[B, C, H, W]` images -> `[B, L, D]` patch embeddings, with errors that name the expected shape."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__()
+        size, patch = config.image_size, config.patch_size
+        self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+        self.num_channels = config.num_channels
+        self.grid_size = config.grid_size
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, self.patch_size, self.patch_size)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+        expected = f"[batch_size, {self.num_channels}, {self.image_size[0]}, {self.image_size[1]}]"
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"Expected pixel_values of shape {expected}, got {shape}")
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.num_channels:
+            hint = (
+                " (a grayscale batch: convert images to RGB, e.g. the image processor's do_convert_rgb, or "
+                "pixel_values.expand(-1, 3, -1, -1))"
+                if channels == 1 and self.num_channels == 3
+                else ""
+            )
+            raise ValueError(
+                f"Expected pixel_values with {self.num_channels} channels, shape {expected}, got "
+                f"{tuple(pixel_values.shape)}{hint}"
+            )
+        if interpolate_pos_encoding:
+            if height % self.patch_size[0] or width % self.patch_size[1]:
+                raise ValueError(
+                    f"With interpolate_pos_encoding, height and width must be multiples of the patch size "
+                    f"{self.patch_size}, got {tuple(pixel_values.shape)}"
+                )
+        elif (height, width) != self.image_size:
+            raise ValueError(
+                f"Expected pixel_values of shape {expected}, got {tuple(pixel_values.shape)}; pass "
+                "interpolate_pos_encoding=True to run at another resolution"
+            )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+
+
+class AutoMAEEmbeddings(nn.Module):
+    """CLS token, fixed sin-cos positions, patch embeddings. No masking here: callers choose the visible tokens."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__()
+        self.config = config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = AutoMAEPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size), requires_grad=False
+        )
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
+        """Returns patch tokens `[B, L, D]` (positions added) and the CLS token `[B, 1, D]` (position added)."""
+        self.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        patches = self.patch_embeddings(pixel_values)
+        new_grid = tuple(s // p for s, p in zip(pixel_values.shape[-2:], self.patch_embeddings.patch_size))
+        positions = _interpolate_positions(self.position_embeddings, self.patch_embeddings.grid_size, new_grid)
+        cls_token = (self.cls_token + positions[:, :1]).expand(patches.shape[0], -1, -1)
+        return patches + positions[:, 1:], cls_token
+
+
+class AutoMAESelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = (
+            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value)
+        )
+        dropout = self.dropout if self.training else 0.0
+        if not output_attentions:  # SDPA: flash / memory-efficient kernels, no weights materialised
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+            weights = None
+        else:
+            weights = torch.softmax((query @ key.transpose(-1, -2)) * self.head_dim**-0.5, dim=-1, dtype=torch.float32)
+            weights = weights.to(query.dtype)
+            context = F.dropout(weights, dropout, self.training) @ value
+        return context.transpose(1, 2).reshape(batch, length, -1), weights
+
+
+class AutoMAESelfOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))
+
+
+class AutoMAEAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = AutoMAESelfAttention(config)
+        self.output = AutoMAESelfOutput(config)
+
+    def forward(self, hidden_states, output_attentions: bool = False):
+        context, weights = self.attention(hidden_states, output_attentions)
+        return self.output(context), weights
+
+
+class AutoMAEIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states))
+
+
+class AutoMAEOutput(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))
+
+
+class AutoMAELayer(nn.Module):
+    """Pre-norm transformer block (ViT's)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = AutoMAEAttention(config)
+        self.intermediate = AutoMAEIntermediate(config)
+        self.output = AutoMAEOutput(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        attention_output, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + attention_output
+        hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        return hidden_states, weights
+
+
+class AutoMAEEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([AutoMAELayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, output_attentions: bool = False, output_hidden_states: bool = False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, weights = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, output_attentions, use_reentrant=False
+                )
+            else:
+                hidden_states, weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+def _decoder_config(config: AutoMAEConfig):
+    """The fields an `AutoMAELayer` reads, with the decoder's sizes."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        hidden_size=config.decoder_hidden_size,
+        num_attention_heads=config.decoder_num_attention_heads,
+        intermediate_size=config.decoder_intermediate_size,
+        hidden_act=config.hidden_act,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+    )
+
+
+class AutoMAEDecoder(nn.Module):
+    """MAE's light decoder: visible latents + mask tokens, unshuffled, -> per-patch pixel predictions."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, config.num_patches + 1, config.decoder_hidden_size), requires_grad=False
+        )
+        layer_config = _decoder_config(config)
+        self.decoder_layers = nn.ModuleList([AutoMAELayer(layer_config) for _ in range(config.decoder_num_hidden_layers)])
+        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        self.decoder_pred = nn.Linear(config.decoder_hidden_size, patch * patch * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None) -> torch.Tensor:
+        """
+        Args:
+            latent: `[B, 1 + K, D]` encoder output (CLS first, visible patches in keep order).
+            ids_restore: `[B, L]`.
+        Returns:
+            `[B, L, p*p*C]` pixel predictions in patch order.
+        """
+        hidden_states = self.decoder_embed(latent)
+        batch, visible, dim = hidden_states.shape
+        num_masked = ids_restore.shape[1] + 1 - visible
+        tokens = torch.cat([hidden_states[:, 1:], self.mask_token.expand(batch, num_masked, -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+        hidden_states = torch.cat([hidden_states[:, :1], tokens], dim=1)
+        positions = _interpolate_positions(self.decoder_pos_embed, self.grid_size, grid_size or self.grid_size)
+        hidden_states = hidden_states + positions
+        for layer in self.decoder_layers:
+            hidden_states, _ = layer(hidden_states)
+        return self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mask generator pieces (§1): score head and discriminator
+# --------------------------------------------------------------------------------------------------------------
+class AutoMAEScoreHead(nn.Sequential):
+    """f: Conv(heads->6, 3x3) -> ReLU -> Conv(6->1, 3x3) on the teacher maps; indices 0 and 2 as the reference's."""
+
+    def __init__(self, teacher_heads: int, hidden_channels: int = 6):
+        super().__init__(
+            nn.Conv2d(teacher_heads, hidden_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, 1, 3, padding=1),
+        )
+
+    def forward(self, attention: torch.Tensor) -> torch.Tensor:
+        """`[B, heads, h, w]` -> `[B, h*w]` log-probabilities over patches."""
+        return torch.log_softmax(super().forward(attention).flatten(1).float(), dim=-1)
+
+
+class AutoMAEDiscriminator(nn.Module):
+    """D (§1): spectrally normalised, bias-free convs judging a `[B, L]` mask distribution on its patch grid.
+
+    The reference's stack (k4 s2 p1, k4 s2 p1, k3 p0) only fits 14x14; an adaptive average pool to 3x3 before the
+    last conv keeps it for any grid from 4x4 up and is the identity at 14x14.
+    """
+
+    def __init__(self, grid_size: tuple[int, int]):
+        super().__init__()
+        if min(grid_size) < 4:
+            raise ValueError(f"The discriminator needs a patch grid of at least 4x4, got {grid_size}")
+        self.grid_size = tuple(grid_size)
+        spectral_norm = nn.utils.parametrizations.spectral_norm
+        self.conv1 = spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
+        self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1, bias=False))
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.conv3 = spectral_norm(nn.Conv2d(32, 1, 3, bias=False))
+
+    def forward(self, mask_probs: torch.Tensor, freeze_weights: bool = False) -> torch.Tensor:
+        """`[B, L]` distributions -> `[B]` raw scores. `freeze_weights` lets gradients reach the input only."""
+        hidden = mask_probs.float().view(-1, 1, *self.grid_size)
+        convs = (self.conv1, self.conv2, self.conv3)
+        if freeze_weights:
+            with torch.no_grad():
+                weights = [conv.weight.detach() for conv in convs]
+        else:
+            weights = [conv.weight for conv in convs]
+        hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
+        hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
+        return F.conv2d(self.pool(hidden), weights[2]).flatten()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pretrained-model bases and shared initialisation
+# --------------------------------------------------------------------------------------------------------------
+def _init_module(module: nn.Module, config) -> None:
+    """MAE's initialisation (xavier-uniform Linear, unit LayerNorm, sin-cos tables), through
+    `transformers.initialization` so that weights loaded from a checkpoint are never overwritten."""
+    std = getattr(config, "initializer_range", 0.02)
+    if isinstance(module, nn.Linear):
+        init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, AutoMAEEmbeddings):
+        table = sincos_position_embedding(module.patch_embeddings.grid_size, module.position_embeddings.shape[-1])
+        init.copy_(module.position_embeddings, table.unsqueeze(0))
+        init.normal_(module.cls_token, std=std)
+        weight = module.patch_embeddings.projection.weight
+        init.xavier_uniform_(weight.view(weight.shape[0], -1))  # as nn.Linear, like MAE
+        init.zeros_(module.patch_embeddings.projection.bias)
+    elif isinstance(module, AutoMAEDecoder):
+        table = sincos_position_embedding(module.grid_size, module.decoder_pos_embed.shape[-1])
+        init.copy_(module.decoder_pos_embed, table.unsqueeze(0))
+        init.normal_(module.mask_token, std=std)
+    elif isinstance(module, AutoMAEScoreHead):
+        for conv in (module[0], module[2]):  # PyTorch's default conv init, as the reference leaves them
+            init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(conv.weight[0].numel())
+            init.uniform_(conv.bias, -bound, bound)
+    elif isinstance(module, AutoMAEDiscriminator):
+        for conv in (module.conv1, module.conv2, module.conv3):
+            original = conv.parametrizations.weight.original
+            init.kaiming_uniform_(original, a=math.sqrt(5))
+            spectral = conv.parametrizations.weight[0]
+            rows = original.shape[0]
+            init.copy_(spectral._u, F.normalize(torch.randn(rows), dim=0, eps=spectral.eps))
+            init.copy_(spectral._v, F.normalize(torch.randn(original[0].numel()), dim=0, eps=spectral.eps))
+
+
+class AutoMAEPreTrainedModel(PreTrainedModel):
+    config_class = AutoMAEConfig
+    config: AutoMAEConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["AutoMAEEmbeddings", "AutoMAELayer"]
+    # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (shared pitfalls §4).
+    _frozen_parameter_suffixes = ("position_embeddings", "decoder_pos_embed")
+
+    def _init_weights(self, module):
+        _init_module(module, self.config)
+
+    def refreeze(self) -> None:
+        for name, parameter in self.named_parameters():
+            if name.endswith(self._frozen_parameter_suffixes):
+                parameter.requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, AutoMAEMaskGenerator):
+                module.freeze_teacher()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        for module in self.modules():
+            if isinstance(module, AutoMAEEncoder):
+                module.gradient_checkpointing = enable
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        kwargs["key_mapping"] = {**CHECKPOINT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        model.refreeze()
+        model._after_loading(info)
+        return (model, info) if output_loading_info else model
+
+    def _after_loading(self, loading_info: dict) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------------------------------
+class AutoMAEModel(AutoMAEPreTrainedModel):
+    """The AutoMAE (= ViT) encoder. Sees every patch unless told which are visible, so inference is deterministic
+    and in patch order (unlike `ViTMAEModel`, which masks 75% and shuffles even at inference)."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__(config)
+        self.embeddings = AutoMAEEmbeddings(config)
+        self.encoder = AutoMAEEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        visible_ids: torch.LongTensor | None = None,
+        token_gates: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            pixel_values: `[B, C, H, W]`.
+            visible_ids: optional `[B, K]` patch indices to encode (MAE's visible set); `None` encodes all patches.
+            token_gates: optional `[B, L]` gamma of the gradient trick (§2.5): tokens become z + (g - sg(g)) z,
+                equal in value, with dLoss/dg = <dLoss/dz', z>.
+        Returns:
+            `BaseModelOutputWithPooling`: last_hidden_state `[B, 1 + K, D]` (CLS first), pooler_output `[B, D]`
+            (CLS or mean of patch tokens, per `config.pooling`), hidden_states / attentions on request.
+        """
+        if pixel_values is None:
+            raise ValueError("AutoMAEModel needs pixel_values of shape [batch_size, channels, height, width]")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        patches, cls_token = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if token_gates is not None:
+            gates = token_gates.unsqueeze(-1).to(patches.dtype)
+            patches = patches + (gates - gates.detach()) * patches  # bit-exact forward (shared pitfalls §12)
+        if visible_ids is not None:
+            patches = torch.gather(patches, 1, visible_ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        hidden_states = torch.cat([cls_token, patches], dim=1)
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, output_attentions, output_hidden_states
+        )
+        sequence_output = self.layernorm(hidden_states)
+        pooled = sequence_output[:, 0] if self.config.pooling == "cls" else sequence_output[:, 1:].mean(dim=1)
+        if not return_dict:
+            return tuple(v for v in (sequence_output, pooled, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> gamma
+# --------------------------------------------------------------------------------------------------------------
+class AutoMAEMaskGenerator(PreTrainedModel):
+    """Learns where to mask. Holds a frozen ViT-family teacher (`.teacher`) and the score head (`.score_head`);
+    savable and loadable on its own (`AutoModel` maps `automae_mask_generator` here)."""
+
+    config_class = AutoMAEMaskGeneratorConfig
+    config: AutoMAEMaskGeneratorConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "mask_generator"
+    input_modalities = ("image",)
+    _supports_sdpa = True
+
+    def __init__(self, config: AutoMAEMaskGeneratorConfig):
+        super().__init__(config)
+        self.teacher = build_teacher(config.teacher_config)
+        self.score_head = AutoMAEScoreHead(self.teacher.config.num_attention_heads, config.score_hidden_channels)
+        self.post_init()
+        self.freeze_teacher()
+
+    def _init_weights(self, module):
+        _init_module(module, self.config)
+
+    # The teacher never trains: no gradient, eval mode (no dropout) whatever `.train()` says.
+    def freeze_teacher(self) -> None:
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        (model[0] if isinstance(model, tuple) else model).freeze_teacher()
+        return model
+
+    def load_teacher(self, name_or_path: str, **kwargs) -> None:
+        """Replaces the teacher by pretrained weights (Hub id or folder of a ViTMAE / ViT / DINOv2 checkpoint,
+        including `*ForPreTraining` / `*ForImageClassification` folders), frozen."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        if config.model_type not in ("vit_mae", "vit", "dinov2"):
+            raise ValueError(
+                f"Teacher {name_or_path!r} has model_type {config.model_type!r}; expected a ViT-family encoder "
+                "(vit_mae, vit or dinov2)"
+            )
+        teacher = teacher_class(config.model_type).from_pretrained(
+            name_or_path, attn_implementation="sdpa", **teacher_init_kwargs(config.model_type), **kwargs
+        )
+        if teacher.config.num_attention_heads != self.teacher.config.num_attention_heads:
+            raise ValueError(
+                f"Teacher {name_or_path!r} has {teacher.config.num_attention_heads} heads but the score head expects "
+                f"{self.teacher.config.num_attention_heads}; set teacher_config to the teacher's config"
+            )
+        teacher_config = teacher.config.to_dict()
+        self.teacher = teacher.to(self.score_head[0].weight.device)
+        self.config.teacher_config = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+        self.config.teacher_name_or_path = str(name_or_path)
+        self.freeze_teacher()
+
+    def teacher_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]` -> `[B, heads, h, w]` CLS attention of the teacher, on the student's patch grid."""
+        attention = teacher_cls_attention(self.teacher, pixel_values)
+        patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        return resize_attention(attention, grid)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        teacher_attention: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        gumbel_noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        mask_factor: float | None = None,
+        gumbel_tau: float | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+    ) -> AutoMAEMaskGeneratorOutput:
+        """Samples this step's mask (§2).
+
+        Args:
+            pixel_values: `[B, C, H, W]`, read by the teacher (unless `teacher_attention` is given).
+            teacher_attention: `[B, heads, h, w]` precomputed (e.g. cached) teacher maps.
+            noise: `[B, L]` U(0, 1) MAE noise (lowest kept); drawn when `None`.
+            gumbel_noise: `[B, L]` Gumbel(0, 1) noise of the sample; drawn when `None`.
+            mask_ratio, mask_factor, gumbel_tau: override the config for this call.
+        """
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        mask_factor = self.config.mask_factor if mask_factor is None else mask_factor
+        gumbel_tau = self.config.gumbel_tau if gumbel_tau is None else gumbel_tau
+        if teacher_attention is None:
+            if pixel_values is None:
+                raise ValueError("AutoMAEMaskGenerator needs pixel_values or teacher_attention")
+            teacher_attention = self.teacher_attention(pixel_values)
+        teacher_attention = teacher_attention.to(self.score_head[0].weight.dtype)
+        mask_logits = self.score_head(teacher_attention)
+        batch, num_patches = mask_logits.shape
+        num_visible = num_visible_patches(num_patches, mask_ratio)
+        mask_probs = gumbel_softmax_sample(mask_logits, gumbel_tau, gumbel_noise, generator)
+        topk = straight_through_topk(mask_probs, num_visible)  # the K most likely patches: masked for sure
+        if noise is None:
+            noise = torch.rand(batch, num_patches, device=mask_logits.device, generator=generator)
+        if noise.shape != (batch, num_patches):
+            raise ValueError(f"Expected noise of shape [{batch}, {num_patches}], got {tuple(noise.shape)}")
+        raised_noise = noise.to(topk.dtype) + mask_factor * topk
+        ids_keep, mask, ids_restore = argsort_masking(raised_noise.detach(), num_visible)
+        return AutoMAEMaskGeneratorOutput(
+            mask=mask,
+            ids_restore=ids_restore,
+            ids_keep=ids_keep,
+            mask_logits=mask_logits,
+            mask_probs=mask_probs,
+            raised_noise=raised_noise,
+            teacher_attention=teacher_attention,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pretraining: student MAE + mask generator + discriminator (§3)
+# --------------------------------------------------------------------------------------------------------------
+class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
+    """AutoMAE pretraining model.
+
+    One iteration (§3): `teacher_attention = model.mask_generator.teacher_attention(x)` once;
+    `model.discriminator_loss(teacher_attention=...)` for the D step; `model(x, teacher_attention=...)` for the
+    student + score-head step, minimising `loss = reconstruction_loss + adversarial_weight * generator_loss`.
+    """
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__(config)
+        self.vit = AutoMAEModel(config)
+        self.decoder = AutoMAEDecoder(config)
+        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config())
+        self.discriminator = AutoMAEDiscriminator(config.grid_size)
+        self.post_init()
+        self.mask_generator.freeze_teacher()
+
+    def _after_loading(self, loading_info: dict) -> None:
+        missing = loading_info.get("missing_keys") or []
+        teacher_missing = any(key.startswith("mask_generator.teacher.") for key in missing)
+        if teacher_missing and self.config.teacher_name_or_path:
+            self.mask_generator.load_teacher(self.config.teacher_name_or_path)
+
+    def load_teacher(self, name_or_path: str, **kwargs) -> None:
+        """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`)."""
+        self.mask_generator.load_teacher(name_or_path, **kwargs)
+        self.config.teacher_config = self.mask_generator.config.teacher_config
+        self.config.teacher_name_or_path = str(name_or_path)
+
+    def student_parameters(self):
+        """What the student optimizer trains: encoder, decoder and score head (not D, not the teacher)."""
+        return [
+            p
+            for name, p in self.named_parameters()
+            if p.requires_grad and not name.startswith(("discriminator.", "mask_generator.teacher."))
+        ]
+
+    def discriminator_parameters(self):
+        return list(self.discriminator.parameters())
+
+    # ---- MAE helpers --------------------------------------------------------------------------------------
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]` -> `[B, L, p*p*C]` in ViTMAE's layout."""
+        patch, channels = self.vit.embeddings.patch_embeddings.patch_size[0], self.config.num_channels
+        batch, _, height, width = pixel_values.shape
+        rows, columns = height // patch, width // patch
+        patches = pixel_values.reshape(batch, channels, rows, patch, columns, patch).permute(0, 2, 4, 3, 5, 1)
+        return patches.reshape(batch, rows * columns, patch * patch * channels)
+
+    def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`[B, L, p*p*C]` -> `[B, C, H, W]`."""
+        patch, channels = self.vit.embeddings.patch_embeddings.patch_size[0], self.config.num_channels
+        height, width = image_size or self.vit.embeddings.patch_embeddings.image_size
+        rows, columns = height // patch, width // patch
+        if rows * columns != patches.shape[1]:
+            raise ValueError(f"Expected {rows * columns} patches for a {height}x{width} image, got {patches.shape[1]}")
+        images = patches.reshape(patches.shape[0], rows, columns, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+        return images.reshape(patches.shape[0], channels, height, width)
+
+    def reconstruction_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(pixel_values)
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, pixel_values, logits, mask) -> torch.Tensor:
+        """MAE's loss: per-patch MSE, averaged over masked patches."""
+        loss = ((logits - self.reconstruction_targets(pixel_values)) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    # ---- the student + score-head step ---------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        gumbel_noise: torch.Tensor | None = None,
+        teacher_attention: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            pixel_values: `[B, C, H, W]`.
+            noise: `[B, L]` U(0, 1), ViTMAE's meaning (lowest kept); beta raises it on the learned top-K.
+            gumbel_noise: `[B, L]` Gumbel noise of the mask sample (for reproducibility).
+            teacher_attention: `[B, heads, h, w]` teacher maps computed once per iteration (or cached).
+        Returns:
+            `AutoMAEForPreTrainingOutput`.
+        """
+        if pixel_values is None:
+            raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.vit.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        sampled = self.mask_generator(
+            pixel_values,
+            teacher_attention=teacher_attention,
+            noise=noise,
+            gumbel_noise=gumbel_noise,
+            mask_ratio=self.config.mask_ratio,
+            mask_factor=self.config.mask_factor,
+            gumbel_tau=self.config.gumbel_tau,
+            generator=generator,
+        )
+        encoded = self.vit(
+            pixel_values,
+            visible_ids=sampled.ids_keep,
+            token_gates=sampled.raised_noise,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        patch = self.vit.embeddings.patch_embeddings.patch_size
+        grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
+        logits = self.decoder(encoded.last_hidden_state, sampled.ids_restore, grid)
+        reconstruction_loss = self.forward_loss(pixel_values, logits, sampled.mask)
+        generator_loss = ((self.discriminator(sampled.mask_probs, freeze_weights=True) - 1) ** 2).mean()
+        loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
+        output = AutoMAEForPreTrainingOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            generator_loss=generator_loss,
+            logits=logits,
+            mask=sampled.mask,
+            ids_restore=sampled.ids_restore,
+            mask_probs=sampled.mask_probs,
+            mask_logits=sampled.mask_logits,
+            teacher_attention=sampled.teacher_attention,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- the discriminator step ------------------------------------------------------------------------------
+    def discriminator_loss(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        teacher_attention: torch.Tensor | None = None,
+        gumbel_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AutoMAEDiscriminatorOutput:
+        """L_D = mean((D(p_real) - 1)^2) + mean(D(p_fake)^2), p_real from the box prior, p_fake a separate Gumbel
+        sample drawn without gradient (§3). Only D's parameters receive gradients."""
+        with torch.no_grad():
+            if teacher_attention is None:
+                if pixel_values is None:
+                    raise ValueError("discriminator_loss needs pixel_values or teacher_attention")
+                teacher_attention = self.mask_generator.teacher_attention(pixel_values)
+            mask_logits = self.mask_generator.score_head(teacher_attention.to(self.mask_generator.score_head[0].weight.dtype))
+            fake = gumbel_softmax_sample(mask_logits, self.config.gumbel_tau, gumbel_noise, generator)
+            real = sample_box_prior(
+                fake.shape[0], self.config.grid_size, self.config.box_prior_alpha, generator, fake.device
+            )
+        real_scores, fake_scores = self.discriminator(real), self.discriminator(fake)
+        loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
+        return AutoMAEDiscriminatorOutput(
+            loss=loss,
+            real_scores=real_scores.detach(),
+            fake_scores=fake_scores.detach(),
+            real_accuracy=(real_scores.detach() > 0.5).float().mean(),
+            fake_accuracy=(fake_scores.detach() < 0.5).float().mean(),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------------------------
+class AutoMAEForImageClassification(AutoMAEPreTrainedModel):
+    """Encoder + linear head on the CLS token or the mean patch token (`config.pooling`). Keys match
+    `ViTForImageClassification` (`vit.*`, `classifier.*`)."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = AutoMAEModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=2e-5)  # MAE's fine-tuning head init
+            init.zeros_(module.bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """`labels`: `[B]` class indices (or floats for regression, multi-hot for multi-label)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.vit(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            problem_type = self.config.problem_type
+            if problem_type is None:
+                if self.num_labels == 1:
+                    problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem_type = "single_label_classification"
+                else:
+                    problem_type = "multi_label_classification"
+            if problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1), labels.float().squeeze(-1))
+            elif problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        if not return_dict:
+            output = (logits, outputs.hidden_states, outputs.attentions)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "AutoMAEDiscriminator",
+    "AutoMAEForImageClassification",
+    "AutoMAEForPreTraining",
+    "AutoMAEMaskGenerator",
+    "AutoMAEModel",
+    "AutoMAEPreTrainedModel",
+    "AutoMAEScoreHead",
+    "sincos_position_embedding",
+]
