@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
 from .masking import argsort_masking, gumbel_softmax_sample, sample_box_prior, straight_through_topk
@@ -27,6 +27,8 @@ from .teacher import build_teacher, resize_attention, teacher_class, teacher_cls
 # Hub ViTMAE checkpoints (facebook/vit-mae-*) name decoder blocks `decoder.decoder_layers.N`, which is what we use;
 # transformers 5.x writes `decoder.decoder_encoder.layer.N` (its `encoder.layer.`->`layers.` rename reversed inside
 # `decoder_layers.`). Both load.
+logger = logging.get_logger(__name__)
+
 CHECKPOINT_KEY_MAPPING = {r"decoder\.decoder_encoder\.layer\.": "decoder.decoder_layers."}
 
 
@@ -414,8 +416,9 @@ class AutoMAEDiscriminator(nn.Module):
 # Pretrained-model bases and shared initialisation
 # --------------------------------------------------------------------------------------------------------------
 def _init_module(module: nn.Module, config) -> None:
-    """MAE's initialisation (xavier-uniform Linear, unit LayerNorm, sin-cos tables), through
-    `transformers.initialization` so that weights loaded from a checkpoint are never overwritten."""
+    """MAE's initialisation (xavier-uniform Linear, unit LayerNorm, sin-cos tables, PyTorch's default for convs),
+    leaf by leaf and through `transformers.initialization`, so that weights loaded from a checkpoint are never
+    overwritten and every tensor missing from one is initialised (shared pitfalls §5)."""
     std = getattr(config, "initializer_range", 0.02)
     if isinstance(module, nn.Linear):
         init.xavier_uniform_(module.weight)
@@ -424,30 +427,28 @@ def _init_module(module: nn.Module, config) -> None:
     elif isinstance(module, nn.LayerNorm):
         init.ones_(module.weight)
         init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d) and not nn.utils.parametrize.is_parametrized(module):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        if module.bias is not None:
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            init.uniform_(module.bias, -bound, bound)
+    elif isinstance(module, nn.utils.parametrize.ParametrizationList):  # spectral-norm conv: its raw weight
+        init.kaiming_uniform_(module.original, a=math.sqrt(5))
+    elif all(hasattr(module, name) for name in ("_u", "_v", "n_power_iterations")):  # spectral norm's vectors
+        for vector in (module._u, module._v):
+            if not getattr(vector, "_is_hf_initialized", False):
+                vector.copy_(F.normalize(torch.randn_like(vector), dim=0, eps=module.eps))
     elif isinstance(module, AutoMAEEmbeddings):
         table = sincos_position_embedding(module.patch_embeddings.grid_size, module.position_embeddings.shape[-1])
         init.copy_(module.position_embeddings, table.unsqueeze(0))
         init.normal_(module.cls_token, std=std)
         weight = module.patch_embeddings.projection.weight
-        init.xavier_uniform_(weight.view(weight.shape[0], -1))  # as nn.Linear, like MAE
-        init.zeros_(module.patch_embeddings.projection.bias)
+        if not getattr(weight, "_is_hf_initialized", False):  # a view would not carry the loaded flag
+            torch.nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # as nn.Linear, like MAE
     elif isinstance(module, AutoMAEDecoder):
         table = sincos_position_embedding(module.grid_size, module.decoder_pos_embed.shape[-1])
         init.copy_(module.decoder_pos_embed, table.unsqueeze(0))
         init.normal_(module.mask_token, std=std)
-    elif isinstance(module, AutoMAEScoreHead):
-        for conv in (module[0], module[2]):  # PyTorch's default conv init, as the reference leaves them
-            init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(conv.weight[0].numel())
-            init.uniform_(conv.bias, -bound, bound)
-    elif isinstance(module, AutoMAEDiscriminator):
-        for conv in (module.conv1, module.conv2, module.conv3):
-            original = conv.parametrizations.weight.original
-            init.kaiming_uniform_(original, a=math.sqrt(5))
-            spectral = conv.parametrizations.weight[0]
-            rows = original.shape[0]
-            init.copy_(spectral._u, F.normalize(torch.randn(rows), dim=0, eps=spectral.eps))
-            init.copy_(spectral._v, F.normalize(torch.randn(original[0].numel()), dim=0, eps=spectral.eps))
 
 
 class AutoMAEPreTrainedModel(PreTrainedModel):
@@ -703,9 +704,20 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
 
     def _after_loading(self, loading_info: dict) -> None:
         missing = loading_info.get("missing_keys") or []
-        teacher_missing = any(key.startswith("mask_generator.teacher.") for key in missing)
-        if teacher_missing and self.config.teacher_name_or_path:
+        if not any(key.startswith("mask_generator.teacher.") for key in missing):
+            return
+        if self.config.teacher_name_or_path:
             self.mask_generator.load_teacher(self.config.teacher_name_or_path)
+            return
+        # transformers' ViTMAE init leaves some tensors raw when the whole teacher is missing: build a clean one.
+        logger.warning(
+            "The checkpoint has no teacher weights and config.teacher_name_or_path is unset: the mask generator's "
+            "teacher is randomly initialised. Call model.load_teacher(<pretrained ViT/ViTMAE/DINOv2>) before training."
+        )
+        dtype = self.mask_generator.score_head[0].weight.dtype
+        device = self.mask_generator.score_head[0].weight.device
+        self.mask_generator.teacher = build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
+        self.mask_generator.freeze_teacher()
 
     def load_teacher(self, name_or_path: str, **kwargs) -> None:
         """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`)."""
