@@ -8,6 +8,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 # Teacher families whose attention the mask generator knows how to read (see `teacher.py`).
+# "learned": AutoMAE; "random": plain MAE with the same code (no teacher, generator or discriminator built or run).
+MASKING_STRATEGIES = ("learned", "random")
 SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2")
 # ViT encoder fields that describe the student's architecture; the default teacher copies them.
 ENCODER_ARCHITECTURE_FIELDS = (
@@ -119,6 +121,8 @@ class AutoMAEConfig(PreTrainedConfig):
             Hub id or folder of the teacher's weights, loaded when a checkpoint does not carry them.
         pooling (`str`, defaults to `"cls"`):
             `"cls"` or `"mean"` (mean of the patch tokens): what `pooler_output` and the classification head use.
+        masking (`str`, defaults to `"learned"`):
+            `"learned"` (AutoMAE) or `"random"` (plain MAE, the baseline: no teacher, generator or discriminator).
     """
 
     model_type = "automae"
@@ -152,6 +156,7 @@ class AutoMAEConfig(PreTrainedConfig):
     teacher_config: dict | None = None
     teacher_name_or_path: str | None = None
     pooling: str = "cls"
+    masking: str = "learned"
 
     def __post_init__(self, **kwargs):
         # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
@@ -178,6 +183,7 @@ class AutoMAEConfig(PreTrainedConfig):
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
+        _check(self.masking in MASKING_STRATEGIES, "masking", f"must be one of {MASKING_STRATEGIES}, got {self.masking!r}")
         validate_teacher_config(self.teacher_config)
 
     @property

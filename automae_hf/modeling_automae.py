@@ -697,14 +697,16 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         super().__init__(config)
         self.vit = AutoMAEModel(config)
         self.decoder = AutoMAEDecoder(config)
-        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config())
-        self.discriminator = AutoMAEDiscriminator(config.grid_size)
+        learned = config.masking == "learned"
+        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if learned else None
+        self.discriminator = AutoMAEDiscriminator(config.grid_size) if learned else None
         self.post_init()
-        self.mask_generator.freeze_teacher()
+        if learned:
+            self.mask_generator.freeze_teacher()
 
     def _after_loading(self, loading_info: dict) -> None:
         missing = loading_info.get("missing_keys") or []
-        if not any(key.startswith("mask_generator.teacher.") for key in missing):
+        if self.mask_generator is None or not any(key.startswith("mask_generator.teacher.") for key in missing):
             return
         if self.config.teacher_name_or_path:
             self.mask_generator.load_teacher(self.config.teacher_name_or_path)
@@ -734,7 +736,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         ]
 
     def discriminator_parameters(self):
-        return list(self.discriminator.parameters())
+        return list(self.discriminator.parameters()) if self.discriminator is not None else []
 
     # ---- MAE helpers --------------------------------------------------------------------------------------
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -794,16 +796,23 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.vit.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        sampled = self.mask_generator(
-            pixel_values,
-            teacher_attention=teacher_attention,
-            noise=noise,
-            gumbel_noise=gumbel_noise,
-            mask_ratio=self.config.mask_ratio,
-            mask_factor=self.config.mask_factor,
-            gumbel_tau=self.config.gumbel_tau,
-            generator=generator,
-        )
+        if self.mask_generator is None:  # masking="random": MAE's noise argsort, nothing else
+            num_patches = self.patchify(pixel_values).shape[1]
+            if noise is None:
+                noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device, generator=generator)
+            ids_keep, mask, ids_restore = argsort_masking(noise, num_visible_patches(num_patches, self.config.mask_ratio))
+            sampled = AutoMAEMaskGeneratorOutput(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+        else:
+            sampled = self.mask_generator(
+                pixel_values,
+                teacher_attention=teacher_attention,
+                noise=noise,
+                gumbel_noise=gumbel_noise,
+                mask_ratio=self.config.mask_ratio,
+                mask_factor=self.config.mask_factor,
+                gumbel_tau=self.config.gumbel_tau,
+                generator=generator,
+            )
         encoded = self.vit(
             pixel_values,
             visible_ids=sampled.ids_keep,
@@ -816,8 +825,11 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
         logits = self.decoder(encoded.last_hidden_state, sampled.ids_restore, grid)
         reconstruction_loss = self.forward_loss(pixel_values, logits, sampled.mask)
-        generator_loss = ((self.discriminator(sampled.mask_probs, freeze_weights=True) - 1) ** 2).mean()
-        loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
+        if self.discriminator is None:
+            generator_loss, loss = None, reconstruction_loss
+        else:
+            generator_loss = ((self.discriminator(sampled.mask_probs, freeze_weights=True) - 1) ** 2).mean()
+            loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
         output = AutoMAEForPreTrainingOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss,
@@ -843,6 +855,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
     ) -> AutoMAEDiscriminatorOutput:
         """L_D = mean((D(p_real) - 1)^2) + mean(D(p_fake)^2), p_real from the box prior, p_fake a separate Gumbel
         sample drawn without gradient (§3). Only D's parameters receive gradients."""
+        if self.discriminator is None:
+            raise ValueError("discriminator_loss is undefined with masking='random' (plain MAE has no discriminator)")
         with torch.no_grad():
             if teacher_attention is None:
                 if pixel_values is None:

@@ -59,6 +59,9 @@ def _embed(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.cat([cls_token, patches + positions[:, 1:]], dim=1)
     if model_type == "vit":
         return embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+    if model_type == "automae":  # the student's own encoder (teacher-free mode)
+        patches, cls_token = embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+        return torch.cat([cls_token, patches], dim=1)
     return embeddings(pixel_values)  # dinov2 always interpolates
 
 
@@ -75,7 +78,8 @@ def teacher_cls_attention(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
     """Post-softmax attention of the last block, CLS query over the patch keys, every head a channel.
 
     Args:
-        teacher: a `ViTMAEModel`, `ViTModel` or `Dinov2Model`.
+        teacher: a `ViTMAEModel`, `ViTModel` or `Dinov2Model`, or an `AutoMAEModel` (the student itself, for
+            teacher-free training; no gradient flows either way).
         pixel_values: `[B, C, H, W]` images, normalised as for the teacher.
     Returns:
         `[B, heads, H / p, W / p]` float32 attention (rows sum to 1 over CLS + patches, so a little under 1 here).

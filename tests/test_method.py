@@ -294,3 +294,32 @@ def test_discriminator_keeps_reference_stack_at_14x14():
     assert hidden.shape[-2:] == (3, 3), "adaptive pooling is the identity on the reference grid"
     with pytest.raises(ValueError, match="4x4"):
         AutoMAEDiscriminator((3, 3))
+
+
+# ---- plain-MAE baseline and teacher-free attention ---------------------------------------------------------------
+def test_random_masking_is_plain_vitmae_without_generator(tmp_path):
+    kwargs = tiny_kwargs(32)
+    torch.manual_seed(0)
+    reference = ViTMAEForPreTraining(ViTMAEConfig(**kwargs)).eval()
+    reference.save_pretrained(tmp_path)
+    model = AutoMAEForPreTraining.from_pretrained(tmp_path, masking="random").eval()
+    assert model.mask_generator is None and model.discriminator is None
+    pixel_values, noise = images(2, 32), torch.rand(2, 64)
+    with torch.no_grad():
+        expected, actual = reference(pixel_values, noise=noise), model(pixel_values, noise=noise)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(actual.mask, expected.mask) and actual.generator_loss is None
+    with pytest.raises(ValueError, match="random"):
+        model.discriminator_loss(pixel_values)
+
+
+def test_student_encoder_serves_as_its_own_teacher():
+    from automae_hf.teacher import teacher_cls_attention
+
+    model = tiny_model(32).eval()
+    pixel_values = images(2, 32)
+    attention = teacher_cls_attention(model.vit, pixel_values)
+    eager = model.vit(pixel_values, output_attentions=True).attentions[-1][:, :, 0, 1:]
+    torch.testing.assert_close(attention, eager.reshape(2, 2, 8, 8), atol=1e-5, rtol=1e-4)
+    output = model(pixel_values, teacher_attention=attention)
+    assert torch.isfinite(output.loss)
