@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from .configuration_automae import AutoMAEConfig
-from .modeling_automae import AutoMAEDiscriminator, AutoMAEForPreTraining
+from .modeling_automae import AutoMAEForPreTraining
 
 REFERENCE_LAYER_NORM_EPS = 1e-6
 # Head counts of the standard ViT widths, only to warn when --num_attention_heads looks wrong.
@@ -36,7 +36,6 @@ REFERENCE_DISCRIMINATOR_GRID = (14, 14)
 _MAX_LISTED = 8
 
 # Block sub-modules: MAE (timm `Block`) name -> our name, per naming scheme. `qkv` is split into q / k / v.
-_BLOCK_ROLES = ("norm1", "q", "k", "v", "proj", "norm2", "fc1", "fc2")
 _MAE_BLOCK_NAMES = {
     "norm1": "norm1",
     "proj": "attn.proj",
@@ -143,17 +142,22 @@ def load_state_dict_file(path: str | os.PathLike, description: str = "checkpoint
         else:
             content = _torch_load(path)
     except Exception as error:  # corrupt archives raise RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        hint = ""
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
-            hint = (
-                " It holds Python objects other than tensors, which are not unpickled for safety; load it in a "
-                "trusted environment and re-save only the state dict (torch.save(checkpoint['model'], path))."
-            )
-        raise ValueError(
-            f"Could not read the {description} {path!r} as a PyTorch or safetensors state dict "
-            f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}).{hint}"
-        ) from error
+        raise ValueError(f"Could not read the {description} {path!r}: {_explain_load_error(error)}") from error
     return extract_state_dict(content, f"{description} {path!r}")
+
+
+def _explain_load_error(error: Exception) -> str:
+    message = str(error)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if unsafe:
+        return (
+            f"it holds a Python object ({unsafe.group(1)}) other than tensors and plain containers, which is never "
+            "unpickled here for safety. Load it where you trust the file and re-save only the weights, e.g. "
+            "torch.save({'model': checkpoint['model']}, path)."
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", message, re.S)
+    detail = detail.group(1).strip() if detail else (message.strip().splitlines() or [""])[0]
+    return f"not a readable PyTorch or safetensors checkpoint (truncated or corrupt?): {type(error).__name__}: {detail}"
 
 
 def extract_state_dict(content, description: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -234,7 +238,7 @@ class _Mapper:
                     continue
                 if fused.shape[0] % 3:
                     raise ValueError(f"{key} has shape {tuple(fused.shape)}: its first dimension is not 3 x hidden")
-                for role, part in zip("kqv", fused.chunk(3, dim=0)):
+                for role, part in zip("qkv", fused.chunk(3, dim=0)):
                     self.put(f"{target}{names[role]}.{param}", part.clone(), key)
         return len(indices)
 
@@ -364,6 +368,27 @@ def _encoder_geometry(state_dict, description: str, image_size=None) -> dict:
     )
 
 
+def _resolve_teacher_config(name_or_path: str | None) -> dict | None:
+    """The config dict of the named teacher when it can be read (local folder, cache or Hub), else `None`.
+
+    Storing it as `teacher_config` keeps the saved config consistent with the teacher that `from_pretrained`
+    will load from `teacher_name_or_path`, so a re-saved model reloads with the right teacher shapes."""
+    if not name_or_path:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # offline, gated, typo: the teacher is still loaded (and checked) at from_pretrained
+        warnings.warn(
+            f"Could not read the config of teacher {name_or_path!r} ({type(error).__name__}); the saved "
+            "teacher_config is a placeholder shaped like the student",
+            stacklevel=3,
+        )
+        return None
+    return {key: value for key, value in config.to_dict().items() if not key.startswith("_")}
+
+
 def _warn_heads(hidden: int, heads: int, flag: str) -> None:
     standard = STANDARD_HEADS.get(hidden)
     if standard is not None and standard != heads:
@@ -421,6 +446,12 @@ def infer_config(
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
         }
+    elif (teacher_config := _resolve_teacher_config(teacher_name_or_path)) is not None:
+        heads = teacher_config.get("num_attention_heads")
+        if heads != teacher_heads:
+            raise ValueError(
+                f"The score head reads {teacher_heads} teacher heads, but teacher {teacher_name_or_path!r} has {heads}"
+            )
     elif teacher_heads == num_attention_heads:
         teacher_config = None  # a teacher shaped like the student, the reference's setting
     elif encoder["hidden_size"] % teacher_heads == 0:
@@ -529,7 +560,8 @@ def convert_checkpoint(
         **(config_overrides or {}),
     )
     model = AutoMAEForPreTraining(config)
-    _load_checked(model, student.converted, student.origin, "checkpoint", skip=("mask_generator.teacher.", "discriminator."))
+    skip = ("mask_generator.teacher.", "discriminator.")
+    _load_checked(model, student.converted, student.origin, "checkpoint", skip=skip)
 
     if teacher_state_dict is not None:
         teacher = model.mask_generator.teacher
