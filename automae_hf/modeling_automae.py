@@ -709,7 +709,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if self.mask_generator is None or not any(key.startswith("mask_generator.teacher.") for key in missing):
             return
         if self.config.teacher_name_or_path:
-            self.mask_generator.load_teacher(self.config.teacher_name_or_path)
+            self.load_teacher(self.config.teacher_name_or_path)  # also records the teacher's config in ours
             return
         # transformers' ViTMAE init leaves some tensors raw when the whole teacher is missing: build a clean one.
         logger.warning(
