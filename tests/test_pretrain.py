@@ -1,0 +1,193 @@
+"""training/pretrain.py end to end on tiny synthetic data (CPU, subprocesses, < 3 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "training" / "pretrain.py"
+TINY = (
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=4,"
+    "decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=64"
+)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        size = (int(rng.integers(20, 48)), int(rng.integers(20, 48)))
+        array = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        mode = ("RGB", "L", "RGBA")[i % 3]  # grayscale and RGBA get converted to RGB
+        out.append(Image.fromarray(array).convert(mode))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import datasets
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    clean = datasets.Dataset.from_dict({"img": _images(24)}).cast_column("img", datasets.Image())
+    clean.save_to_disk(str(root / "clean"))
+    # One corrupt entry: bytes that are no image.
+    import io
+
+    items = []
+    for image in _images(12, seed=1):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        items.append({"bytes": buffer.getvalue(), "path": None})
+    items[5] = {"bytes": b"\x89PNG\r\n\x1a\n this is not a png", "path": None}
+    corrupt = datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False))
+    corrupt.save_to_disk(str(root / "corrupt"))
+    return root
+
+
+def run(args, launcher=None, check=True, timeout=300):
+    command = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def common(data, out, steps=6, *extra):
+    return ["--dataset_name", data, "--output_dir", out, "--image_size", 32, "--config_overrides", TINY,
+            "--per_device_train_batch_size", 8, "--max_train_steps", steps, "--warmup_steps", 2,
+            "--base_learning_rate", 1e-2, "--dataloader_num_workers", 0, "--seed", 3, *extra]
+
+
+def load_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """6 uninterrupted steps (2 epochs of 3 batches), checkpoints every 2, workers on, picture grid every 3."""
+    out = tmp_path_factory.mktemp("full")
+    result = run(common(data_dir / "clean", out, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
+                        "--image_log_steps", 3, "--norm_pix_loss"))
+    return out, result
+
+
+def test_run_writes_loadable_model(full_run):
+    import automae_hf  # noqa: F401
+    from automae_hf import AutoMAEForPreTraining
+
+    out, _ = full_run
+    model = AutoMAEForPreTraining.from_pretrained(str(out))
+    assert model.config.hidden_size == 32 and model.config.norm_pix_loss
+    assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    saved = load_weights(out)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 7))
+    for key in ("loss", "reconstruction_loss", "generator_loss", "d_loss", "d_real_accuracy", "d_fake_accuracy",
+                "mask_entropy", "lr", "images_per_second", "skipped_images"):
+        assert key in logs[-1], key
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+
+
+def test_teacher_none_is_plain_mae(data_dir, tmp_path):
+    result = run(common(data_dir / "clean", tmp_path, 2, "--teacher_name_or_path", "none", "--image_log_steps", 2))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["masking"] == "random"
+    last = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "d_loss" not in last and last["loss"] == pytest.approx(last["reconstruction_loss"])
+    assert "Done: 2 steps" in result.stdout + result.stderr
+
+
+def test_corrupt_image_is_skipped_and_counted(data_dir, tmp_path):
+    result = run(common(data_dir / "corrupt", tmp_path, 2, "--per_device_train_batch_size", 6))
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["skipped_images"] == 1
+    assert "skipped 1 undecodable image" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--image_column_name", "pixels"], "--image_column_name 'pixels'"),
+        (["--train_dir", "/nonexistent/images"], "--train_dir '/nonexistent/images'"),
+        (["--config_overrides", "mask_ratio=1.5"], "mask_ratio"),
+    ],
+)
+def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, extra, needle):
+    args = common(data_dir / "clean", tmp_path, 2)
+    if extra[0] == "--train_dir":
+        i = args.index("--dataset_name")
+        del args[i : i + 2]
+    if extra[0] == "--config_overrides":
+        i = args.index("--config_overrides")
+        del args[i : i + 2]
+    result = run(args + extra, check=False, timeout=120)
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
+    full_out, _ = full_run
+    # SIGKILLed right after step 3 (checkpoint at step 2 complete), then a save killed midway: a partial temp folder.
+    killed = run(common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
+                        "--image_log_steps", 3, "--norm_pix_loss", "--debug_kill_after_step", 3), check=False)
+    assert killed.returncode != 0
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+    partial = checkpoints / ".tmp-step_4"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    sys.path.insert(0, str(REPO_ROOT / "training"))
+    from pretrain import latest_checkpoint
+
+    assert latest_checkpoint(checkpoints).name == "step_2"
+    run(common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
+               "--image_log_steps", 3, "--norm_pix_loss", "--resume_from_checkpoint", "latest"))
+    expected, got = load_weights(full_out), load_weights(tmp_path)
+    assert expected.keys() == got.keys()
+    worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
+    assert worst <= 1e-6, worst
+    full_log = [json.loads(line) for line in (full_out / "train_log.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert resumed_log[-1]["step"] == 6
+    assert resumed_log[-1]["loss"] == pytest.approx(full_log[-1]["loss"], abs=1e-6)
+    assert not partial.exists()
+
+
+def test_two_process_cpu_ddp_ranks_agree(data_dir, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not on PATH")
+    # On a machine without GPUs, `--multi_gpu` starts torchrun workers and the script picks gloo on the CPU
+    # (`accelerate launch --cpu` alone starts one process).
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    if torch.cuda.is_available():
+        pytest.skip("CPU DDP test")
+    result = run(common(data_dir / "clean", tmp_path, 3, "--per_device_train_batch_size", 4,
+                        "--gradient_accumulation_steps", 2, "--debug_dump_weights", "--checkpointing_steps", 2),
+                 launcher=launcher)
+    assert "2 processes" in result.stdout + result.stderr
+    rank0 = torch.load(tmp_path / "weights_rank0.pt")
+    rank1 = torch.load(tmp_path / "weights_rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert "unused parameters" not in result.stderr and "marked ready" not in result.stderr

@@ -1,0 +1,806 @@
+#!/usr/bin/env python
+"""AutoMAE pretraining with Accelerate over Hugging Face datasets (issue 3).
+
+The same script runs with `python training/pretrain.py ...` (one process: CPU or one GPU) and
+`accelerate launch training/pretrain.py ...` (DDP on CPU/GPUs/nodes, mixed precision, gradient accumulation).
+
+One iteration (shared doc §3): teacher attention once (no grad) -> discriminator step (Adam) -> student + score-head
+step (AdamW, betas 0.9/0.95, no weight decay on biases, norms, tokens). Warm-up + cosine schedule per optimizer step,
+lr = base_learning_rate * effective batch / 256.
+
+Examples:
+    python training/pretrain.py --train_dir /data/images --output_dir out --image_size 32 \
+        --config_overrides "hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,patch_size=4"
+    accelerate launch --num_processes 2 training/pretrain.py --dataset_name cifar10 --output_dir out ...
+    python training/pretrain.py ... --teacher_name_or_path none       # plain MAE (the baseline)
+    python training/pretrain.py ... --teacher_name_or_path self       # teacher-free: the student's own attention
+    python training/pretrain.py ... --resume_from_checkpoint latest   # continue a killed run
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
+
+logger = logging.getLogger("automae.pretrain")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="AutoMAE pretraining (learned masks from a frozen ViT teacher + adversarial box prior).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset_name", default=None,
+                   help="Hub data set name, or a local folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.")
+    d.add_argument("--dataset_config_name", default=None, help="Configuration name of the Hub data set.")
+    d.add_argument("--dataset_split", default="train", help="Split to train on.")
+    d.add_argument("--train_dir", default=None, help="A local image folder (loaded with the `imagefolder` builder).")
+    d.add_argument("--image_column_name", default=None,
+                   help=f"Column holding the images; detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
+    d.add_argument("--streaming", action="store_true", help="Stream the data set (needs --max_train_steps).")
+    d.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set (debugging).")
+    d.add_argument("--dataloader_num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes (decoding and augmentation happen in the workers).")
+    d.add_argument("--image_size", type=int, default=None, help="Training resolution (overrides the config's image_size).")
+    d.add_argument("--cache_dir", default=None, help="Where downloaded data sets and models are cached.")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", default=None,
+                   help="Start from this checkpoint (AutoMAE or ViTMAE folder / Hub id); random init when unset.")
+    m.add_argument("--config_name", default=None, help="Config (folder / Hub id) for a model trained from scratch.")
+    m.add_argument("--config_overrides", default=None,
+                   help='Comma-separated config overrides, e.g. "hidden_size=64,num_hidden_layers=2".')
+    m.add_argument("--image_processor_name", default=None, help="Image processor (mean/std); default: the model's or MAE's.")
+    m.add_argument("--mask_ratio", type=float, default=None, help="Fraction of masked patches (config default 0.75).")
+    m.add_argument("--norm_pix_loss", action="store_true", help="Reconstruct per-patch normalised pixels (MAE's norm-pix).")
+    m.add_argument("--mask_factor", type=float, default=None, help="AutoMAE beta: noise raise on the learned top-K (0.5).")
+    m.add_argument("--adversarial_weight", type=float, default=None, help="AutoMAE lambda: weight of L_G (0.2).")
+    m.add_argument("--teacher_name_or_path", default=None,
+                   help="Frozen ViT-family teacher (Hub id or folder of a ViT / ViTMAE / DINOv2 checkpoint); "
+                        "'none' trains plain MAE with random masks (the baseline); 'self' is teacher-free: the "
+                        "student's own last-layer CLS attention, without gradient. Unset: the checkpoint's teacher "
+                        "(or 'self' when training from scratch).")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--output_dir", required=True, help="Where checkpoints, images, logs and the final model go.")
+    t.add_argument("--per_device_train_batch_size", type=int, default=64, help="Batch size per process.")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    t.add_argument("--num_train_epochs", type=float, default=800, help="Epochs (ignored when --max_train_steps is set).")
+    t.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
+    t.add_argument("--base_learning_rate", type=float, default=1.5e-4,
+                   help="lr = base_learning_rate * per_device batch * accumulation * processes / 256.")
+    t.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens).")
+    t.add_argument("--warmup_epochs", type=float, default=40, help="Linear warm-up length in epochs, then cosine to 0.")
+    t.add_argument("--warmup_steps", type=int, default=None, help="Warm-up in optimizer steps (overrides epochs).")
+    t.add_argument("--adam_beta1", type=float, default=0.9)
+    t.add_argument("--adam_beta2", type=float, default=0.95)
+    t.add_argument("--seed", type=int, default=0, help="Random seed (data order, augmentation, masks, init).")
+    t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="Mixed precision (default: whatever `accelerate launch` / its config says).")
+    t.add_argument("--checkpointing_steps", default=None,
+                   help="Save the full training state every N optimizer steps, or 'epoch'. A final state is always saved.")
+    t.add_argument("--resume_from_checkpoint", default=None,
+                   help="A checkpoint folder, or 'latest' for the newest complete one under output_dir/checkpoints.")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--with_tracking", action="store_true", help="Log metrics through accelerate's trackers.")
+    lg.add_argument("--report_to", default="tensorboard", help="Tracker(s) for --with_tracking: tensorboard, wandb, all, ...")
+    lg.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N optimizer steps.")
+    lg.add_argument("--image_log_steps", type=int, default=0,
+                    help="Save a PNG grid (image, teacher attention, mask probability, mask, reconstruction) every N steps; 0: off.")
+    lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
+    lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_overrides(text: str | None, parser: argparse.ArgumentParser) -> dict:
+    out = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            parser.error(f"--config_overrides: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = {"True": True, "False": False, "None": None}.get(value, value)
+        out[key] = parsed
+    return out
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: decoding and MAE augmentation (no torchvision)
+# ----------------------------------------------------------------------------------------------------------------
+def decode_image(value, mode: str) -> Image.Image:
+    """A `datasets.Image(decode=False)` value ({'bytes', 'path'}), a PIL image or an array -> PIL in `mode`."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        if value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            image = Image.open(value["path"])
+        else:
+            raise ValueError("empty image entry")
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        image = Image.fromarray(np.asarray(value))
+    image.load()
+    if image.mode != mode:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert(mode)
+    return image
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params: (left, top, w, h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def mae_augment(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop(size, scale 0.2-1, bicubic) + horizontal flip + normalise -> float32 [C, size, size]."""
+    left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
+    image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    array = (array - mean) / std
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+class MapImageDataset(torch.utils.data.Dataset):
+    """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
+    sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
+    run sees exactly the same pixels as an uninterrupted one."""
+
+    def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int):
+        self.data, self.column, self.size, self.mode, self.seed = hf_dataset, column, size, mode, seed
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int):
+        skipped = 0
+        for attempt in range(min(len(self.data), 64)):
+            j = (index + attempt) % len(self.data)
+            try:
+                image = decode_image(self.data[j][self.column], self.mode)
+            except Exception as error:  # noqa: BLE001  (any undecodable image is skipped, never a crash)
+                skipped += 1
+                logger.warning("Skipping undecodable image at index %d: %s", j, one_line(error))
+                continue
+            rng = np.random.default_rng([self.seed, self.epoch, j])
+            return {"pixel_values": torch.from_numpy(mae_augment(image, self.size, self.mean, self.std, rng)),
+                    "skipped": skipped}
+        raise RuntimeError(f"No decodable image among 64 items from index {index}")
+
+
+def make_stream_transform(column, size, mean, std, mode):
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def transform(example):
+        try:
+            image = decode_image(example[column], mode)
+        except Exception:  # noqa: BLE001
+            return {"pixel_values": None, "skipped": 1}
+        return {"pixel_values": mae_augment(image, size, mean, std, np.random.default_rng()), "skipped": 0}
+
+    return transform
+
+
+def collate(examples):
+    skipped = sum(int(e["skipped"]) for e in examples)
+    kept = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
+    if not kept:
+        return {"pixel_values": None, "skipped": torch.tensor(skipped)}
+    return {"pixel_values": torch.stack([torch.as_tensor(x) for x in kept]), "skipped": torch.tensor(skipped)}
+
+
+def load_images(args, parser):
+    """-> (hf dataset of one split, image column name)."""
+    import datasets
+
+    if args.dataset_name is None and args.train_dir is None:
+        parser.error("give --dataset_name (Hub name or save_to_disk folder) or --train_dir (image folder)")
+    try:
+        if args.train_dir is not None:
+            if not os.path.isdir(args.train_dir):
+                parser.error(f"--train_dir {args.train_dir!r} is not an existing folder")
+            data = datasets.load_dataset("imagefolder", data_dir=args.train_dir, cache_dir=args.cache_dir,
+                                         streaming=args.streaming)
+        elif os.path.isdir(args.dataset_name):
+            data = datasets.load_from_disk(args.dataset_name)
+            if args.streaming:
+                data = (data.to_iterable_dataset() if isinstance(data, datasets.Dataset)
+                        else datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in data.items()}))
+        elif os.path.sep in args.dataset_name and (args.dataset_name.startswith((".", "/", "~"))):
+            parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
+        else:
+            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                         streaming=args.streaming)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"cannot load the data set ({args.dataset_name or args.train_dir}): {one_line(error)}")
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if args.dataset_split not in data:
+            parser.error(f"--dataset_split {args.dataset_split!r} not in the data set's splits {list(data)}")
+        data = data[args.dataset_split]
+    columns = list(data.column_names or (data.features or {}).keys())
+    if args.image_column_name is not None:
+        if args.image_column_name not in columns:
+            parser.error(f"--image_column_name {args.image_column_name!r} is not a column of the data set {columns}")
+        column = args.image_column_name
+    else:
+        column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in columns), None)
+        if column is None:
+            parser.error(f"no image column found among {columns}; name it with --image_column_name")
+    if isinstance(getattr(data, "features", None) or {}, dict) and data.features and isinstance(
+        data.features.get(column), datasets.Image
+    ):
+        data = data.cast_column(column, datasets.Image(decode=False))
+    data = data.select_columns([column])
+    if args.max_train_samples is not None:
+        data = data.take(args.max_train_samples) if args.streaming else data.select(range(min(args.max_train_samples, len(data))))
+    return data, column
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(args, parser):
+    from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
+
+    overrides = parse_overrides(args.config_overrides, parser)
+    for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.norm_pix_loss:
+        overrides["norm_pix_loss"] = True
+    teacher = args.teacher_name_or_path
+    if teacher is not None and teacher.lower() == "none":
+        overrides["masking"] = "random"
+    try:
+        if args.model_name_or_path:
+            base = AutoMAEConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
+        elif args.config_name:
+            base = AutoMAEConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir)
+        else:
+            base = AutoMAEConfig()
+        values = base.to_dict()
+        unknown = [k for k in overrides if k not in values and not hasattr(base, k)]
+        if unknown:
+            parser.error(f"--config_overrides: unknown config field(s) {unknown}")
+        values.update(overrides)
+        for key in ("transformers_version", "model_type", "architectures", "auto_map"):
+            values.pop(key, None)
+        if "hidden_size" in overrides or "num_attention_heads" in overrides:
+            if not (base.teacher_config and "teacher_config" in overrides):
+                values["teacher_config"] = None if not args.model_name_or_path else values.get("teacher_config")
+        config = AutoMAEConfig(**values)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"impossible model config: {one_line(error)}")
+    try:
+        if args.model_name_or_path:
+            model = AutoMAEForPreTraining.from_pretrained(args.model_name_or_path, config=config, cache_dir=args.cache_dir)
+        else:
+            model = AutoMAEForPreTraining(config)
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"cannot build the model: {one_line(error)}")
+
+    mode = "none" if config.masking == "random" else "teacher"
+    if mode == "teacher":
+        if teacher is None:
+            if not config.teacher_name_or_path:
+                logger.warning("No --teacher_name_or_path: teacher-free mode (the student's own attention).")
+                mode = "self"
+        elif teacher.lower() == "self":
+            mode = "self"
+        else:
+            try:
+                model.load_teacher(teacher, cache_dir=args.cache_dir)
+            except Exception as error:  # noqa: BLE001
+                parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
+    return model, mode
+
+
+def student_param_groups(model, weight_decay: float):
+    student_ids = {id(p) for p in model.student_parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if id(param) not in student_ids:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name or "position" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, resumable
+# ----------------------------------------------------------------------------------------------------------------
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class TrainState:
+    """Step counter (and skip count) saved by accelerate's `save_state` via `register_for_checkpointing`."""
+
+    def __init__(self):
+        self.completed_steps = 0
+        self.skipped_images = 0
+
+    def state_dict(self):
+        return {"completed_steps": self.completed_steps, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state):
+        self.completed_steps = int(state["completed_steps"])
+        self.skipped_images = int(state.get("skipped_images", 0))
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The complete `step_N` folder with the largest N (temporary folders of interrupted saves are ignored)."""
+    if not checkpoint_root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in checkpoint_root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int) -> Path:
+    """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
+    previous checkpoint as `latest`."""
+    final = checkpoint_root / f"step_{step}"
+    tmp = checkpoint_root / f".tmp-step_{step}"
+    if accelerator.is_main_process:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Picture grid
+# ----------------------------------------------------------------------------------------------------------------
+def _to_rgb(tile: np.ndarray) -> np.ndarray:
+    tile = np.clip(tile, 0, 1)
+    if tile.ndim == 2:
+        tile = np.repeat(tile[:, :, None], 3, axis=2)
+    elif tile.shape[2] == 1:
+        tile = np.repeat(tile, 3, axis=2)
+    return (tile * 255).astype(np.uint8)
+
+
+def _upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
+    rows, cols = grid_map.shape
+    return np.kron(grid_map, np.ones((size // rows, size // cols), dtype=np.float32))
+
+
+def _norm01(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_images: int = 8) -> None:
+    """Rows: image | teacher attention (mean over heads) | learned mask probability | sampled mask (black = masked)
+    | reconstruction (visible patches pasted back)."""
+    n = min(max_images, pixel_values.shape[0])
+    x = pixel_values[:n].detach().float().cpu()
+    size = x.shape[-1]
+    grid = model.config.grid_size
+    logits = output.logits[:n].detach().float().cpu()
+    mask = output.mask[:n].detach().float().cpu()
+    if model.config.norm_pix_loss:
+        target = model.patchify(x)
+        mu, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        logits = logits * (var + 1e-6) ** 0.5 + mu
+    patches = model.patchify(x) * (1 - mask[..., None]) + logits * mask[..., None]
+    recon = model.unpatchify(patches, (x.shape[-2], x.shape[-1]))
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    images = (x * s + m).permute(0, 2, 3, 1).numpy()
+    recon = (recon * s + m).permute(0, 2, 3, 1).numpy()
+    rows = []
+    for i in range(n):
+        tiles = [_to_rgb(images[i])]
+        if getattr(output, "teacher_attention", None) is not None:
+            att = output.teacher_attention[i].detach().float().cpu().mean(0).numpy()
+            tiles.append(_to_rgb(_upsample(_norm01(att), size)))
+        if getattr(output, "mask_probs", None) is not None:
+            probs = output.mask_probs[i].detach().float().cpu().view(*grid).numpy()
+            tiles.append(_to_rgb(_upsample(_norm01(probs), size)))
+        tiles.append(_to_rgb(_upsample(1.0 - mask[i].view(*grid).numpy(), size)))
+        tiles.append(_to_rgb(recon[i]))
+        sep = np.full((size, 2, 3), 128, np.uint8)
+        rows.append(np.concatenate(sum(([t, sep] for t in tiles), [])[:-1], axis=1))
+    sep = np.full((2, rows[0].shape[1], 3), 128, np.uint8)
+    canvas = np.concatenate(sum(([r, sep] for r in rows), [])[:-1], axis=0)
+    scale = max(1, 128 // size)
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no length)")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+
+    import transformers
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration, set_seed
+    try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:
+        from transformers import ViTImageProcessor
+
+    from automae_hf.masking import gumbel_softmax_sample, mask_entropy, sample_box_prior
+    from automae_hf.teacher import resize_attention, teacher_cls_attention
+
+    output_dir = Path(args.output_dir)
+    accelerator_kwargs = dict(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if args.mixed_precision is not None:
+        accelerator_kwargs["mixed_precision"] = args.mixed_precision
+    if args.with_tracking:
+        accelerator_kwargs["log_with"] = args.report_to
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP over gloo on the CPU
+    # (`accelerate launch --cpu` alone starts a single process unless run under mpirun).
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    ):
+        accelerator_kwargs["cpu"] = True
+    accelerator = Accelerator(**accelerator_kwargs)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        logger.setLevel(logging.ERROR)
+    set_seed(args.seed)
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    model, teacher_mode = build_model(args, parser)
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    pil_mode = {1: "L", 3: "RGB"}.get(config.num_channels)
+    if pil_mode is None:
+        parser.error(f"num_channels={config.num_channels}: only 1 (grayscale) or 3 (RGB) images are supported")
+    processor = None
+    for source in (args.image_processor_name, args.model_name_or_path):
+        if source:
+            try:
+                processor = ViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir)
+                break
+            except Exception:  # noqa: BLE001
+                pass
+    mean0, std0 = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    if processor is None:
+        if config.num_channels == 1:
+            mean0, std0 = (float(np.mean(mean0)),), (float(np.mean(std0)),)
+        processor = ViTImageProcessor(image_mean=list(mean0), image_std=list(std0), size={"height": size, "width": size})
+    processor.size = {"height": size, "width": size}
+    mean = list(processor.image_mean)[: config.num_channels] if len(processor.image_mean) >= config.num_channels else [processor.image_mean[0]] * config.num_channels
+    std = list(processor.image_std)[: config.num_channels] if len(processor.image_std) >= config.num_channels else [processor.image_std[0]] * config.num_channels
+
+    with accelerator.main_process_first():
+        hf_data, column = load_images(args, parser)
+    if args.streaming:
+        train_dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode), remove_columns=[column])
+    else:
+        if len(hf_data) == 0:
+            parser.error("the training set is empty")
+        train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed)
+    loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
+                         num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+                         persistent_workers=False)
+    if args.dataloader_num_workers > 0:
+        loader_kwargs["prefetch_factor"] = 4
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
+
+    # ---- optimizers and schedules --------------------------------------------------------------------------
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    lr = args.base_learning_rate * effective_batch / 256
+    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay), lr=lr,
+                                          betas=(args.adam_beta1, args.adam_beta2))
+    discriminator = model.discriminator
+    d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr) if discriminator is not None else None
+
+    # DDP: the student's DDP must not own D's parameters (they get no gradient from the student loss); D gets its own.
+    if discriminator is not None:
+        ignore = [n for n, _ in model.named_parameters() if n.startswith("discriminator.")]
+        ignore += [n for n, _ in model.named_buffers() if n.startswith("discriminator.")]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+
+    if discriminator is not None:
+        model, discriminator, student_optimizer, d_optimizer, train_dataloader = accelerator.prepare(
+            model, discriminator, student_optimizer, d_optimizer, train_dataloader)
+    else:
+        model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
+    unwrapped = accelerator.unwrap_model(model)
+
+    if args.streaming:
+        steps_per_epoch = None
+        max_train_steps = args.max_train_steps
+        num_epochs = 10**9
+    else:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.warmup_steps is not None:
+        warmup_steps = args.warmup_steps
+    else:
+        warmup_steps = int(round(args.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
+    warmup_steps = min(warmup_steps, max_train_steps)
+    # Not prepared: stepped by hand once per optimizer step (a prepared scheduler steps num_processes times).
+    student_scheduler = transformers.get_cosine_schedule_with_warmup(student_optimizer.optimizer if hasattr(student_optimizer, "optimizer") else student_optimizer, warmup_steps, max_train_steps)
+    d_scheduler = (transformers.get_cosine_schedule_with_warmup(d_optimizer.optimizer if hasattr(d_optimizer, "optimizer") else d_optimizer, warmup_steps, max_train_steps)
+                   if d_optimizer is not None else None)
+
+    # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
+    # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
+    noise_generator = torch.Generator(device=accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, student_scheduler)
+    if d_scheduler is not None:
+        accelerator.register_for_checkpointing(d_scheduler)
+
+    checkpoint_root = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "images").mkdir(exist_ok=True)
+        for stale in checkpoint_root.glob(".tmp-step_*") if checkpoint_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    if args.with_tracking:
+        accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                       for k, v in vars(args).items()})
+
+    if args.resume_from_checkpoint:
+        path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
+                else Path(args.resume_from_checkpoint))
+        if path is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint under %s, starting fresh", checkpoint_root)
+        elif not path.is_dir():
+            parser.error(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+    start_step = state.completed_steps
+    start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
+    skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
+
+    logger.info("AutoMAE pretraining: teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch %d), "
+                "%d processes", teacher_mode, len(train_dataset) if not args.streaming else -1, max_train_steps, lr,
+                effective_batch, accelerator.num_processes)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process,
+                    desc="pretrain", dynamic_ncols=True)
+    log_file = open(output_dir / "train_log.jsonl", "a") if accelerator.is_main_process else None
+    grid = config.grid_size
+    model.train()
+    if discriminator is not None:
+        discriminator.train()
+
+    def get_teacher_attention(pixel_values):
+        with torch.no_grad(), accelerator.autocast():
+            if teacher_mode == "self":
+                was_training = unwrapped.vit.training
+                unwrapped.vit.eval()
+                attention = resize_attention(teacher_cls_attention(unwrapped.vit, pixel_values), grid)
+                unwrapped.vit.train(was_training)
+                return attention.float()
+            return unwrapped.mask_generator.teacher_attention(pixel_values).float()
+
+    def discriminator_step(attention):
+        """L_D = mean((D(real) - 1)^2) + mean(D(fake)^2) through the DDP-wrapped D (one call, so its gradients sync)."""
+        head = unwrapped.mask_generator.score_head
+        with torch.no_grad():
+            logits = head(attention.to(head[0].weight.dtype))
+            fake = gumbel_softmax_sample(logits, config.gumbel_tau, None, noise_generator).float()
+            real = sample_box_prior(fake.shape[0], grid, config.box_prior_alpha, noise_generator, fake.device).float()
+        scores = discriminator(torch.cat([real, fake]))
+        real_scores, fake_scores = scores[: real.shape[0]], scores[real.shape[0]:]
+        loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
+        accelerator.backward(loss)
+        d_optimizer.step()
+        d_optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (real_scores.detach() > 0.5).float().mean(), (fake_scores.detach() < 0.5).float().mean()
+
+    completed = start_step
+    window_images, window_start = 0, time.perf_counter()
+    sums: dict[str, float] = {}
+    sum_count = 0
+    micro_in_step = 0
+    last_saved = None
+    done = completed >= max_train_steps
+    epoch = start_epoch
+    while not done and epoch < num_epochs:
+        if hasattr(train_dataset, "set_epoch"):
+            train_dataset.set_epoch(epoch)
+        if hasattr(train_dataloader, "set_epoch"):
+            train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == start_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in loader:
+            skipped = int(batch["skipped"])
+            state.skipped_images += skipped
+            pixel_values = batch["pixel_values"]
+            if pixel_values is None:  # only possible when streaming: a whole batch undecodable
+                continue
+            micro_index = completed * args.gradient_accumulation_steps + micro_in_step
+            noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
+            with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
+                metrics = {}
+                attention = get_teacher_attention(pixel_values) if teacher_mode != "none" else None
+                if discriminator is not None:
+                    d_loss, real_acc, fake_acc = discriminator_step(attention)
+                    metrics.update(d_loss=d_loss, d_real_accuracy=real_acc, d_fake_accuracy=fake_acc)
+                output = model(pixel_values, teacher_attention=attention, generator=noise_generator)
+                accelerator.backward(output.loss)
+                student_optimizer.step()
+                student_optimizer.zero_grad(set_to_none=True)
+                metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
+                if output.generator_loss is not None:
+                    metrics["generator_loss"] = output.generator_loss.detach()
+                if output.mask_probs is not None:
+                    metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+            window_images += pixel_values.shape[0]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            sum_count += 1
+            micro_in_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro_in_step = 0
+
+            student_scheduler.step()
+            if d_scheduler is not None:
+                d_scheduler.step()
+            completed += 1
+            state.completed_steps = completed
+            progress.update(1)
+
+            if completed % args.logging_steps == 0 or completed == max_train_steps:
+                stats = torch.tensor([window_images, state.skipped_images], device=accelerator.device, dtype=torch.float64)
+                stats = accelerator.reduce(stats, reduction="sum")
+                elapsed = time.perf_counter() - window_start
+                log = {k: v / sum_count for k, v in sums.items()}
+                log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
+                           skipped_images=int(stats[1]), epoch=epoch, step=completed)
+                progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
+                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")})
+                if args.with_tracking:
+                    accelerator.log(log, step=completed)
+                if log_file is not None:
+                    log_file.write(json.dumps(log) + "\n")
+                    log_file.flush()
+                sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
+
+            if args.image_log_steps and completed % args.image_log_steps == 0 and accelerator.is_main_process:
+                save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, pixel_values,
+                                output, mean, std)
+
+            if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
+                    and completed < max_train_steps):
+                save_checkpoint(accelerator, checkpoint_root, completed)
+                last_saved = completed
+            if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
+                import signal  # tests: die like a preempted job (SIGKILL, no cleanup)
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if completed >= max_train_steps:
+                done = True
+                break
+        if args.checkpointing_steps == "epoch" and not done:
+            save_checkpoint(accelerator, checkpoint_root, completed)
+            last_saved = completed
+        epoch += 1
+    progress.close()
+
+    if last_saved != completed:
+        save_checkpoint(accelerator, checkpoint_root, completed)
+    accelerator.wait_for_everyone()
+    total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
+    if args.debug_dump_weights:
+        torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+                   output_dir / f"weights_rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
+        processor.save_pretrained(str(output_dir))
+        summary = {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
+                   "output_dir": str(output_dir)}
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
+    if log_file is not None:
+        log_file.close()
+    if args.with_tracking:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
