@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny AutoMAE configs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests must never reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Make `automae_hf` importable from the checkout without installing it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import automae_hf  # noqa: E402  (registers the Auto classes)
+from automae_hf import AutoMAEConfig  # noqa: E402
+
+TINY_ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=4,
+    num_channels=3,
+)
+TINY_DECODER = dict(
+    decoder_hidden_size=16,
+    decoder_num_hidden_layers=1,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=32,
+)
+
+
+def make_tiny_config(**overrides) -> AutoMAEConfig:
+    """An `AutoMAEConfig` with hidden 32, 2 layers, 2 heads, intermediate 64, 32x32 images, 4x4 patches (8x8 grid),
+    a 16-wide 1-layer decoder; keyword arguments override any field."""
+    return AutoMAEConfig(**{**TINY_ENCODER, **TINY_DECODER, **overrides})
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory fixture: `tiny_config(**overrides)` -> `AutoMAEConfig`."""
+    return make_tiny_config
+
+
+@pytest.fixture
+def pixel_values():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 32, 32, generator=generator)
