@@ -432,12 +432,14 @@ def _init_module(module: nn.Module, config) -> None:
         if module.bias is not None:
             bound = 1 / math.sqrt(module.weight[0].numel())
             init.uniform_(module.bias, -bound, bound)
-    elif isinstance(module, nn.utils.parametrize.ParametrizationList):  # spectral-norm conv: its raw weight
+    elif isinstance(module, nn.utils.parametrize.ParametrizationList):  # a spectral-norm conv's weight
         init.kaiming_uniform_(module.original, a=math.sqrt(5))
-    elif all(hasattr(module, name) for name in ("_u", "_v", "n_power_iterations")):  # spectral norm's vectors
-        for vector in (module._u, module._v):
-            if not getattr(vector, "_is_hf_initialized", False):
-                vector.copy_(F.normalize(torch.randn_like(vector), dim=0, eps=module.eps))
+        for spectral in module:
+            if hasattr(spectral, "_u") and not getattr(spectral._u, "_is_hf_initialized", False):
+                # Fresh u, v need torch's 15 warm-up power iterations, or sigma (and D's scale) starts far off.
+                spectral._u.copy_(F.normalize(torch.randn_like(spectral._u), dim=0, eps=spectral.eps))
+                spectral._v.copy_(F.normalize(torch.randn_like(spectral._v), dim=0, eps=spectral.eps))
+                spectral._power_method(spectral._reshape_weight_to_matrix(module.original.detach()), 15)
     elif isinstance(module, AutoMAEEmbeddings):
         table = sincos_position_embedding(module.patch_embeddings.grid_size, module.position_embeddings.shape[-1])
         init.copy_(module.position_embeddings, table.unsqueeze(0))

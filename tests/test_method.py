@@ -323,3 +323,15 @@ def test_student_encoder_serves_as_its_own_teacher():
     torch.testing.assert_close(attention, eager.reshape(2, 2, 8, 8), atol=1e-5, rtol=1e-4)
     output = model(pixel_values, teacher_attention=attention)
     assert torch.isfinite(output.loss)
+
+
+def test_discriminator_weights_start_spectrally_normalised(tmp_path):
+    model = tiny_model(56).eval()
+    ViTMAEForPreTraining(ViTMAEConfig(**tiny_kwargs(56))).save_pretrained(tmp_path)
+    loaded = AutoMAEForPreTraining.from_pretrained(tmp_path).eval()  # D missing from the checkpoint
+    for candidate in (model, loaded):
+        for conv in (candidate.discriminator.conv1, candidate.discriminator.conv2, candidate.discriminator.conv3):
+            weight = conv.weight.detach()
+            sigma = torch.linalg.matrix_norm(weight.flatten(1), ord=2)
+            assert abs(sigma.item() - 1.0) < 0.05, sigma
+        assert candidate(images(2, 56)).generator_loss < 10
