@@ -342,6 +342,15 @@ def build_model(args, parser):
         if "hidden_size" in overrides or "num_attention_heads" in overrides:
             if not (base.teacher_config and "teacher_config" in overrides):
                 values["teacher_config"] = None if not args.model_name_or_path else values.get("teacher_config")
+        if teacher is not None and teacher.lower() not in ("none", "self"):
+            # The score head is sized by the teacher's heads: build it from the teacher's own config.
+            from transformers import AutoConfig
+
+            try:
+                teacher_config = AutoConfig.from_pretrained(teacher, cache_dir=args.cache_dir).to_dict()
+            except Exception as error:  # noqa: BLE001
+                parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
+            values["teacher_config"] = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
         config = AutoMAEConfig(**values)
     except SystemExit:
         raise
@@ -521,7 +530,9 @@ def main(argv=None):
     accelerator_kwargs = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Streaming: every process reads its own batches (undecodable images make them uneven).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  dispatch_batches=False if args.streaming else None),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     if args.mixed_precision is not None:
