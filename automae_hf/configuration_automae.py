@@ -10,7 +10,8 @@ from transformers import PreTrainedConfig
 # Teacher families whose attention the mask generator knows how to read (see `teacher.py`).
 # "learned": AutoMAE; "random": plain MAE with the same code (no teacher, generator or discriminator built or run).
 MASKING_STRATEGIES = ("learned", "random")
-SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2")
+# "automae": an encoder trained with this package (e.g. the random-masking MAE of the reference recipe).
+SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2", "automae")
 # ViT encoder fields that describe the student's architecture; the default teacher copies them.
 ENCODER_ARCHITECTURE_FIELDS = (
     "hidden_size",

@@ -462,6 +462,8 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["AutoMAEEmbeddings", "AutoMAELayer"]
+    # An encoder or classifier loaded from a pretraining folder leaves these out on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mask_generator\.", r"^discriminator\."]
     # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (shared pitfalls §4).
     _frozen_parameter_suffixes = ("position_embeddings", "decoder_pos_embed")
 
@@ -564,6 +566,23 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------
 # The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> gamma
 # --------------------------------------------------------------------------------------------------------------
+def _teacher_config_dict(config) -> dict:
+    """A teacher's config as the plain dict stored in `teacher_config` (encoder fields only for our own models)."""
+    values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    if values.get("model_type") == "automae":
+        for key in ("teacher_config", "teacher_name_or_path", "auto_map", "architectures"):
+            values.pop(key, None)
+    return values
+
+
+def _build_teacher(teacher_config: dict):
+    """A randomly initialised, frozen-to-be teacher: a transformers ViT-family encoder or an `AutoMAEModel`."""
+    if teacher_config.get("model_type") == "automae":
+        fields = {k: v for k, v in teacher_config.items() if k not in ("model_type", "teacher_config")}
+        return AutoMAEModel(AutoMAEConfig(**fields))
+    return build_teacher(teacher_config)
+
+
 class AutoMAEMaskGenerator(PreTrainedModel):
     """Learns where to mask. Holds a frozen ViT-family teacher (`.teacher`) and the score head (`.score_head`);
     savable and loadable on its own (`AutoModel` maps `automae_mask_generator` here)."""
@@ -577,7 +596,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
 
     def __init__(self, config: AutoMAEMaskGeneratorConfig):
         super().__init__(config)
-        self.teacher = build_teacher(config.teacher_config)
+        self.teacher = _build_teacher(config.teacher_config)
         self.score_head = AutoMAEScoreHead(self.teacher.config.num_attention_heads, config.score_hidden_channels)
         self.post_init()
         self.freeze_teacher()
@@ -607,22 +626,25 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        if config.model_type not in ("vit_mae", "vit", "dinov2"):
+        if config.model_type not in ("vit_mae", "vit", "dinov2", "automae"):
             raise ValueError(
                 f"Teacher {name_or_path!r} has model_type {config.model_type!r}; expected a ViT-family encoder "
-                "(vit_mae, vit or dinov2)"
+                "(vit_mae, vit, dinov2, or an automae checkpoint)"
             )
-        teacher = teacher_class(config.model_type).from_pretrained(
-            name_or_path, attn_implementation="sdpa", **teacher_init_kwargs(config.model_type), **kwargs
-        )
+        if config.model_type == "automae":  # the encoder of a checkpoint of ours (e.g. a random-masking MAE)
+            teacher = AutoMAEModel.from_pretrained(name_or_path, **kwargs)
+        else:
+            teacher = teacher_class(config.model_type).from_pretrained(
+                name_or_path, attn_implementation="sdpa", **teacher_init_kwargs(config.model_type), **kwargs
+            )
         if teacher.config.num_attention_heads != self.teacher.config.num_attention_heads:
             raise ValueError(
                 f"Teacher {name_or_path!r} has {teacher.config.num_attention_heads} heads but the score head expects "
                 f"{self.teacher.config.num_attention_heads}; set teacher_config to the teacher's config"
             )
-        teacher_config = teacher.config.to_dict()
+        teacher_config = _teacher_config_dict(teacher.config)
         self.teacher = teacher.to(self.score_head[0].weight.device)
-        self.config.teacher_config = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+        self.config.teacher_config = teacher_config
         self.config.teacher_name_or_path = str(name_or_path)
         self.freeze_teacher()
 
@@ -720,7 +742,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         )
         dtype = self.mask_generator.score_head[0].weight.dtype
         device = self.mask_generator.score_head[0].weight.device
-        self.mask_generator.teacher = build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
+        self.mask_generator.teacher = _build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
         self.mask_generator.freeze_teacher()
 
     def load_teacher(self, name_or_path: str, **kwargs) -> None:

@@ -335,3 +335,24 @@ def test_discriminator_weights_start_spectrally_normalised(tmp_path):
             sigma = torch.linalg.matrix_norm(weight.flatten(1), ord=2)
             assert abs(sigma.item() - 1.0) < 0.05, sigma
         assert candidate(images(2, 56)).generator_loss < 10
+
+
+def test_a_random_masking_checkpoint_of_ours_serves_as_teacher(tmp_path):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    mae = AutoMAEForPreTraining(AutoMAEConfig(**tiny_kwargs(28, num_channels=1), masking="random"))
+    mae.save_pretrained(tmp_path / "mae")
+    teacher_config = AutoConfig.from_pretrained(tmp_path / "mae").to_dict()
+    model = AutoMAEForPreTraining(AutoMAEConfig(**tiny_kwargs(28, num_channels=1), teacher_config=teacher_config))
+    model.load_teacher(str(tmp_path / "mae"))
+    assert isinstance(model.mask_generator.teacher, AutoMAEModel)
+    pixel_values = torch.randn(2, 1, 28, 28)
+    from automae_hf.teacher import teacher_cls_attention
+
+    torch.testing.assert_close(model.mask_generator.teacher_attention(pixel_values), teacher_cls_attention(mae.vit, pixel_values))
+    model.save_pretrained(tmp_path / "automae")
+    reloaded, info = AutoMAEForPreTraining.from_pretrained(tmp_path / "automae", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert isinstance(reloaded.mask_generator.teacher, AutoMAEModel)
+    assert not any(p.requires_grad for p in reloaded.mask_generator.teacher.parameters())
