@@ -133,6 +133,8 @@ def build_card(
     repo_id = repo_id or folder.name
     model_name = repo_id.split("/")[-1]
     dataset_id = hub_id(dataset_name)
+    # A local folder is named by its last component only (no machine paths in public metadata).
+    dataset_label = dataset_id or (Path(dataset_name).name if dataset_name else "local data set")
     is_vit = config.get("model_type") == "vit"
     tags = ["automae", "masked-autoencoder", "vision", "vit"]
     tags.append({"pretraining": "pretraining", "encoder": "feature-extraction", "finetuned": "image-classification"}[kind])
@@ -143,7 +145,7 @@ def build_card(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset_id or "imagefolder",
-            dataset_name=dataset_name or "local data set",
+            dataset_name=dataset_label,
             dataset_split=results.get("eval_split", "validation"),
             metric_type="accuracy",
             metric_name="Accuracy",
@@ -194,7 +196,7 @@ def build_card(
         pooling_description=("the mean of the patch tokens (`last_hidden_state[:, 1:].mean(1)`)" if pooling == "mean"
                              else "the CLS token (`last_hidden_state[:, 0]`)"),
         base_description=f"`{base_model}`" if base_model else "an AutoMAE encoder",
-        dataset_description=f"`{dataset_name}`" if dataset_name else "a local data set",
+        dataset_description=f"`{dataset_label}`",
         results_table=results_table(results),
         trust_remote_code_arg=trust,
     )
