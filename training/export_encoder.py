@@ -83,7 +83,7 @@ def load_encoder(name_or_path: str, cache_dir=None):
     try:
         model, info = AutoMAEModel.from_pretrained(name_or_path, cache_dir=cache_dir, output_loading_info=True)
     except Exception as error:  # noqa: BLE001  (truncated / corrupt safetensors, bad config, network)
-        raise ExportError(f"cannot load checkpoint {name_or_path!r}: {_one_line(error)}") from None
+        raise ExportError(f"checkpoint {name_or_path!r} is corrupt or unreadable: {_one_line(error)}") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_embeddings")]
     if missing or info.get("mismatched_keys"):
         raise ExportError(f"checkpoint {name_or_path!r} lacks encoder weights: missing {sorted(missing)[:5]}, "
