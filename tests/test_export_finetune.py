@@ -480,3 +480,42 @@ def test_push_dry_run_lists_files_and_sizes(exported, capsys):
     printed = capsys.readouterr().out
     assert report["url"] is None and ("model.safetensors", (exported["vit"] / "model.safetensors").stat().st_size) in report["files"]
     assert "model.safetensors" in printed and "files," in printed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Pictures: mask probability heatmap, sampled mask, reconstruction
+# ----------------------------------------------------------------------------------------------------------------
+def test_norm_pix_reconstruction_is_unnormalised_with_the_target_patch_statistics(pretrained):
+    import visualize
+    from automae_hf import AutoMAEForPreTraining
+
+    model = AutoMAEForPreTraining.from_pretrained(str(pretrained)).eval()
+    assert model.config.norm_pix_loss
+    x = pixels(seed=3)
+    # A perfect norm-pix prediction (the normalised target itself) must give back the input's pixels.
+    perfect = model.reconstruction_targets(x)
+    torch.testing.assert_close(visualize.unnormalize_prediction(model, x, perfect), model.patchify(x),
+                               atol=1e-3, rtol=0)
+    pictures = visualize.mask_pictures(model, x, [0.5] * 3, [0.25] * 3, teacher="self", seed=0)
+    assert pictures["mask"].shape == (2, 8, 8) and pictures["mask"].sum(axis=(1, 2)).tolist() == [48, 48]
+    assert pictures["mask_probs"].shape == (2, 8, 8) and np.allclose(pictures["mask_probs"].sum(axis=(1, 2)), 1, atol=1e-4)
+    visible = np.kron(1 - pictures["mask"][0], np.ones((4, 4)))[..., None].astype(bool)
+    # Visible patches of the reconstruction are the input's pixels.
+    assert np.allclose(np.where(visible, pictures["reconstruction"][0], 0), np.where(visible, pictures["image"][0], 0),
+                       atol=1e-5)
+
+
+def test_visualize_command_writes_one_png_per_image(pretrained, tmp_path):
+    import visualize
+
+    files = []
+    for i, mode in enumerate(("RGB", "L")):
+        path = tmp_path / f"in_{i}.png"
+        make_image(i, np.random.default_rng(i), mode).save(path)
+        files.append(path)
+    visualize.main(["--model_name_or_path", str(pretrained), "--images", *map(str, files), "--output_dir",
+                    str(tmp_path / "pictures")])
+    outputs = sorted((tmp_path / "pictures").glob("*.png"))
+    assert [p.name for p in outputs] == ["in_0.png", "in_1.png"]
+    picture = Image.open(outputs[1])
+    assert picture.mode == "RGB" and picture.size == (4 * 32 * 4 + 4 * 2 * 4 + 32 * 4, 32 * 4)  # 5 panels, x4
