@@ -519,3 +519,17 @@ def test_visualize_command_writes_one_png_per_image(pretrained, tmp_path):
     assert [p.name for p in outputs] == ["in_0.png", "in_1.png"]
     picture = Image.open(outputs[1])
     assert picture.mode == "RGB" and picture.size == (4 * 32 * 4 + 4 * 2 * 4 + 32 * 4, 32 * 4)  # 5 panels, x4
+
+
+def test_hub_command_pushes_a_pretraining_run_with_a_card(pretrained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained, folder, ignore=shutil.ignore_patterns("README.md"))
+    hub.main([str(folder), "--hub_model_id", "org/automae-pt", "--dataset_name", "cifar10", "--dry_run"])
+    printed = capsys.readouterr().out
+    assert "Writing a pretraining model card" in printed and "README.md" in printed
+    assert "train_log.jsonl" in printed and "checkpoints/" not in printed
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(folder / "README.md").data.datasets == ["cifar10"]

@@ -10,6 +10,7 @@ The folder is always complete on disk before any network call, so a failed push 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 from pathlib import Path
 
@@ -145,12 +146,25 @@ def main(argv=None):
     import argparse
     import sys
 
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
     parser = argparse.ArgumentParser(description="Push a model folder (pretraining, encoder, finetuned) to the Hub.")
     parser.add_argument("folder")
+    parser.add_argument("--dataset_name", default=None, help="For the model card written when the folder has none.")
     add_hub_arguments(parser)
     args = parser.parse_args(argv)
     args.push_to_hub = True
     check_hub_arguments(args, parser)
+    folder = Path(args.folder)
+    if (folder / "config.json").is_file() and not (folder / "README.md").exists():
+        from model_card import write_card
+
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        kind = ("pretraining" if "AutoMAEForPreTraining" in architectures
+                else "finetuned" if any("ImageClassification" in a for a in architectures) else "encoder")
+        print(f"Writing a {kind} model card: {write_card(kind, folder, repo_id=args.hub_model_id, dataset_name=args.dataset_name)}")
     try:
         push_folder(args.folder, args.hub_model_id, args.private, args.revision, args.hub_token, dry_run=args.dry_run)
     except HubPushError as error:
