@@ -190,11 +190,13 @@ def export_encoder(
     processor.save_pretrained(str(output_dir))
     source = Path(model_name_or_path)
     pretraining_metadata = read_run_metadata(source) if source.is_dir() else None
-    if source.is_dir() and (source / "train_summary.json").is_file():
-        shutil.copy(source / "train_summary.json", output_dir / "train_summary.json")
+    if pretraining_metadata and pretraining_metadata["summary"]:  # without the run's local output path
+        summary = {k: v for k, v in pretraining_metadata["summary"].items() if k != "output_dir"}
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if pretraining_metadata is not None and dataset_name:
         pretraining_metadata["summary"].setdefault("dataset_name", dataset_name)
-    card_metadata = {"dataset": dataset_name, "base_model": model_name_or_path, "format": export_format,
+    card_metadata = {"dataset": dataset_name, "base_model": hub_id(model_name_or_path) or Path(model_name_or_path).name,
+                     "format": export_format,
                      "pooling": encoder.config.pooling}
     (output_dir / "card_metadata.json").write_text(json.dumps(card_metadata, indent=2))
     write_card("encoder", output_dir, repo_id=hub_model_id, dataset_name=dataset_name,
