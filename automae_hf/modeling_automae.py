@@ -876,9 +876,14 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         teacher_attention: torch.Tensor | None = None,
         gumbel_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        discriminator: nn.Module | None = None,
     ) -> AutoMAEDiscriminatorOutput:
         """L_D = mean((D(p_real) - 1)^2) + mean(D(p_fake)^2), p_real from the box prior, p_fake a separate Gumbel
-        sample drawn without gradient (§3). Only D's parameters receive gradients."""
+        sample drawn without gradient (§3). Only D's parameters receive gradients.
+
+        `discriminator`: the module to call instead of `self.discriminator` (e.g. its DDP wrapper, so gradients
+        synchronise). Real and fake go through it in one call.
+        """
         if self.discriminator is None:
             raise ValueError("discriminator_loss is undefined with masking='random' (plain MAE has no discriminator)")
         with torch.no_grad():
@@ -886,12 +891,14 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 if pixel_values is None:
                     raise ValueError("discriminator_loss needs pixel_values or teacher_attention")
                 teacher_attention = self.mask_generator.teacher_attention(pixel_values)
-            mask_logits = self.mask_generator.score_head(teacher_attention.to(self.mask_generator.score_head[0].weight.dtype))
+            score_head = self.mask_generator.score_head
+            mask_logits = score_head(teacher_attention.to(score_head[0].weight.dtype))
             fake = gumbel_softmax_sample(mask_logits, self.config.gumbel_tau, gumbel_noise, generator)
             real = sample_box_prior(
                 fake.shape[0], self.config.grid_size, self.config.box_prior_alpha, generator, fake.device
             )
-        real_scores, fake_scores = self.discriminator(real), self.discriminator(fake)
+        scores = (discriminator or self.discriminator)(torch.cat([real, fake]))
+        real_scores, fake_scores = scores[: len(real)], scores[len(real) :]
         loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
         return AutoMAEDiscriminatorOutput(
             loss=loss,

@@ -7,7 +7,7 @@ from transformers.utils import logging
 
 from automae_hf import AutoMAEConfig, AutoMAEForPreTraining, AutoMAEModel
 from automae_hf.masking import argsort_masking, sample_box_prior, straight_through_topk
-from automae_hf.modeling_automae import AutoMAEDiscriminator, sincos_position_embedding
+from automae_hf.modeling_automae import AutoMAEDiscriminator
 
 logging.set_verbosity_error()
 

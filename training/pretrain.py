@@ -508,6 +508,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
 
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no length)")
@@ -523,7 +525,7 @@ def main(argv=None):
     except ImportError:
         from transformers import ViTImageProcessor
 
-    from automae_hf.masking import gumbel_softmax_sample, mask_entropy, sample_box_prior
+    from automae_hf.masking import mask_entropy
     from automae_hf.teacher import resize_attention, teacher_cls_attention
 
     output_dir = Path(args.output_dir)
@@ -668,7 +670,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc="pretrain", dynamic_ncols=True)
+                    desc="pretrain", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
     log_file = open(output_dir / "train_log.jsonl", "a") if accelerator.is_main_process else None
     grid = config.grid_size
     model.train()
@@ -686,19 +688,14 @@ def main(argv=None):
             return unwrapped.mask_generator.teacher_attention(pixel_values).float()
 
     def discriminator_step(attention):
-        """L_D = mean((D(real) - 1)^2) + mean(D(fake)^2) through the DDP-wrapped D (one call, so its gradients sync)."""
-        head = unwrapped.mask_generator.score_head
-        with torch.no_grad():
-            logits = head(attention.to(head[0].weight.dtype))
-            fake = gumbel_softmax_sample(logits, config.gumbel_tau, None, noise_generator).float()
-            real = sample_box_prior(fake.shape[0], grid, config.box_prior_alpha, noise_generator, fake.device).float()
-        scores = discriminator(torch.cat([real, fake]))
-        real_scores, fake_scores = scores[: real.shape[0]], scores[real.shape[0]:]
-        loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
-        accelerator.backward(loss)
+        """The D step, through the DDP-wrapped D (real and fake in one call, so its gradients sync)."""
+        output = unwrapped.discriminator_loss(
+            teacher_attention=attention, generator=noise_generator, discriminator=discriminator
+        )
+        accelerator.backward(output.loss)
         d_optimizer.step()
         d_optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (real_scores.detach() > 0.5).float().mean(), (fake_scores.detach() < 0.5).float().mean()
+        return output.loss.detach(), output.real_accuracy, output.fake_accuracy
 
     completed = start_step
     window_images, window_start = 0, time.perf_counter()
