@@ -19,8 +19,9 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "training": ["accelerate>=1.0", "datasets>=3.0", "pillow", "tqdm", "tensorboard", "evaluate", "scikit-learn"],
-        "dev": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pillow", "tqdm"],
+        "training": ["accelerate>=1.0", "datasets>=3.0", "pillow", "numpy", "tqdm", "evaluate"],
+        "tracking": ["tensorboard"],
+        "dev": ["pytest>=8", "accelerate>=1.0", "datasets>=3.0", "pillow", "numpy", "tqdm", "evaluate"],
     },
     entry_points={
         "console_scripts": ["automae-convert-reference=automae_hf.convert_reference_checkpoint:main"],
