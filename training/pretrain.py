@@ -760,7 +760,8 @@ def main(argv=None):
                 log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
                            skipped_images=int(stats[1]), epoch=epoch, step=completed)
                 progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
-                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")})
+                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")},
+                                     refresh=False)
                 if args.with_tracking:
                     accelerator.log(log, step=completed)
                 if log_file is not None:
@@ -800,7 +801,10 @@ def main(argv=None):
         unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
         processor.save_pretrained(str(output_dir))
         summary = {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
-                   "output_dir": str(output_dir)}
+                   "teacher_name_or_path": args.teacher_name_or_path, "output_dir": str(output_dir),
+                   "dataset_name": args.dataset_name or args.train_dir, "dataset_config_name": args.dataset_config_name,
+                   "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
+                   "mask_factor": config.mask_factor, "masking": config.masking}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
     if log_file is not None:
