@@ -7,9 +7,15 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+# How the masked patches are chosen (issue 6). "learned": AutoMAE; "random": plain MAE with the same code (no
+# teacher, generator or discriminator built or run); "box_prior": per-image boxes raise the noise of the patches they
+# cover (the paper's pilot; no teacher); "attention": the frozen teacher's most-attended patches are masked (AttMask
+# "high"; teacher only, no score-head training, no discriminator).
+MASKING_STRATEGIES = ("learned", "random", "box_prior", "attention")
+# Coordinates of the boxes of `masking="box_prior"`: pixels (x_min, y_min, x_max, y_max), the same in [0, 1], or
+# COCO (x_min, y_min, width, height) pixels as in HF `objects` / `bbox` columns.
+BOX_FORMATS = ("xyxy", "xyxy_normalized", "xywh")
 # Teacher families whose attention the mask generator knows how to read (see `teacher.py`).
-# "learned": AutoMAE; "random": plain MAE with the same code (no teacher, generator or discriminator built or run).
-MASKING_STRATEGIES = ("learned", "random")
 # "automae": an encoder trained with this package (e.g. the random-masking MAE of the reference recipe).
 SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2", "automae")
 # ViT encoder fields that describe the student's architecture; the default teacher copies them.
@@ -123,7 +129,18 @@ class AutoMAEConfig(PreTrainedConfig):
         pooling (`str`, defaults to `"cls"`):
             `"cls"` or `"mean"` (mean of the patch tokens): what `pooler_output` and the classification head use.
         masking (`str`, defaults to `"learned"`):
-            `"learned"` (AutoMAE) or `"random"` (plain MAE, the baseline: no teacher, generator or discriminator).
+            How the masked patches are chosen; every strategy keeps exactly `int(L * (1 - mask_ratio))` visible.
+            `"learned"`: AutoMAE. `"random"`: plain MAE, the baseline (no teacher, generator or discriminator).
+            `"box_prior"`: the paper's pilot; the boxes passed to `forward(boxes=...)` raise the noise of the
+            patches whose centre they contain by `mask_factor` (no teacher, generator or discriminator).
+            `"attention"`: AttMask "high"; the `L - K` patches with the highest teacher CLS attention (mean over
+            heads, on the student's grid) are masked (teacher only; no score-head training, no discriminator).
+        box_format (`str`, defaults to `"xyxy"`):
+            Default coordinates of `forward(boxes=...)` with `masking="box_prior"`: `"xyxy"` (pixels of the input
+            image), `"xyxy_normalized"` (the same in [0, 1]) or `"xywh"` (COCO pixels, as HF `objects`/`bbox`).
+        attention_hint_ratio (`float`, defaults to 0.0):
+            With `masking="attention"`: share of the masked top patches revealed again at random ("hints"), as many
+            random other patches being masked instead.
     """
 
     model_type = "automae"
@@ -158,6 +175,8 @@ class AutoMAEConfig(PreTrainedConfig):
     teacher_name_or_path: str | None = None
     pooling: str = "cls"
     masking: str = "learned"
+    box_format: str = "xyxy"
+    attention_hint_ratio: float = 0.0
 
     def __post_init__(self, **kwargs):
         # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
@@ -185,6 +204,12 @@ class AutoMAEConfig(PreTrainedConfig):
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
         _check(self.masking in MASKING_STRATEGIES, "masking", f"must be one of {MASKING_STRATEGIES}, got {self.masking!r}")
+        _check(self.box_format in BOX_FORMATS, "box_format", f"must be one of {BOX_FORMATS}, got {self.box_format!r}")
+        _check(
+            isinstance(self.attention_hint_ratio, (int, float)) and 0 <= self.attention_hint_ratio < 1,
+            "attention_hint_ratio",
+            f"must lie in [0, 1), got {self.attention_hint_ratio!r}",
+        )
         validate_teacher_config(self.teacher_config)
 
     @property

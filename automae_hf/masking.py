@@ -109,6 +109,112 @@ def sample_box_prior(
     return probs
 
 
+# ---- masking strategies other than the learned one (issue 6) --------------------------------------------------------
+BOX_FORMATS = ("xyxy", "xyxy_normalized", "xywh")
+
+
+def boxes_to_xyxy(boxes: torch.Tensor, box_format: str, image_size: tuple[int, int]) -> torch.Tensor:
+    """`[n, 4]` boxes in `box_format` -> `[n, 4]` float (x_min, y_min, x_max, y_max) in pixels of an image of
+    `image_size` (height, width).
+
+    Formats: `"xyxy"` pixels; `"xyxy_normalized"` the same in [0, 1] (fractions of width / height); `"xywh"` COCO
+    (x_min, y_min, width, height) in pixels, what HF `objects` / `bbox` columns hold.
+    """
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if box_format == "xywh":
+        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    if box_format == "xyxy_normalized":
+        height, width = image_size
+        return boxes * boxes.new_tensor([width, height, width, height])
+    return boxes
+
+
+def boxes_to_patch_mask(
+    boxes, grid_size: tuple[int, int], image_size: tuple[int, int], box_format: str = "xyxy", device=None
+) -> torch.Tensor:
+    """`[B, L]` float, 1 for the patches inside any of an image's boxes, 0 elsewhere.
+
+    The rule: a patch is inside when its centre lies in a box, borders included
+    (`x_min <= centre_x <= x_max` and `y_min <= centre_y <= y_max`, in pixels of the `image_size` (height, width)
+    input; patch (r, c) has its centre at ((c + 0.5) * W / columns, (r + 0.5) * H / rows)). A box smaller than a
+    patch that covers no patch centre marks nothing.
+
+    Args:
+        boxes: a list (one entry per image) of `[n_i, 4]` tensors / arrays / nested lists (n_i may be 0), or a
+            `[B, n, 4]` tensor; several boxes per image.
+    """
+    rows, columns = grid_size
+    height, width = image_size
+    centre_y = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) * (height / rows)
+    centre_x = (torch.arange(columns, dtype=torch.float32, device=device) + 0.5) * (width / columns)
+    out = []
+    for image_boxes in boxes:
+        xyxy = boxes_to_xyxy(torch.as_tensor(image_boxes, dtype=torch.float32).to(device), box_format, image_size)
+        if xyxy.shape[0] == 0:
+            out.append(torch.zeros(rows * columns, device=device))
+            continue
+        in_y = (centre_y.view(1, -1) >= xyxy[:, 1:2]) & (centre_y.view(1, -1) <= xyxy[:, 3:4])  # [n, rows]
+        in_x = (centre_x.view(1, -1) >= xyxy[:, 0:1]) & (centre_x.view(1, -1) <= xyxy[:, 2:3])  # [n, columns]
+        inside = (in_y[:, :, None] & in_x[:, None, :]).any(dim=0)
+        out.append(inside.flatten().float())
+    return torch.stack(out) if out else torch.zeros(0, rows * columns, device=device)
+
+
+def box_prior_masking(noise: torch.Tensor, inside: torch.Tensor, mask_factor: float, num_visible: int):
+    """The paper's pilot prior: gamma = noise + mask_factor * inside, then MAE's argsort (lowest kept).
+
+    With noise U(0, 1) and mask_factor >= 1 the box patches are always masked first; with the default 0.5 they are
+    masked before almost every outside patch (an inside patch is only kept when more than the masked count of
+    patches draw a higher gamma). Returns ids_keep, mask, ids_restore (as `argsort_masking`) and gamma.
+    """
+    raised = noise.float() + mask_factor * inside.to(noise.device, torch.float32)
+    ids_keep, mask, ids_restore = argsort_masking(raised, num_visible)
+    return ids_keep, mask, ids_restore, raised
+
+
+def attention_masking(
+    attention: torch.Tensor,
+    num_visible: int,
+    hint_ratio: float = 0.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
+    """AttMask "high": the `L - num_visible` patches a teacher attends to most are masked, the rest are visible.
+
+    Args:
+        attention: `[B, L]` attention per patch (e.g. the teacher's CLS attention averaged over heads).
+        hint_ratio: share of the masked (top) patches revealed again at random ("hints"); as many random non-top
+            patches are masked instead, so exactly `num_visible` patches stay visible.
+        noise: `[B, L]` U(0, 1); its order picks the hints and the patches masked in their place, and orders the
+            visible patches (drawn when `None`).
+    Returns:
+        ids_keep, mask, ids_restore (as `argsort_masking`) and the `[B, L]` gamma they were sorted by
+        (noise + 2 on the masked set).
+    """
+    batch, num_patches = attention.shape
+    num_masked = num_patches - num_visible
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=attention.device, generator=generator)
+    if noise.shape != (batch, num_patches):
+        raise ValueError(f"Expected noise of shape [{batch}, {num_patches}], got {tuple(noise.shape)}")
+    noise = noise.float()
+    top = torch.zeros(batch, num_patches, dtype=torch.bool, device=attention.device)
+    top.scatter_(1, attention.float().topk(num_masked, dim=1).indices, True)
+    masked = top.clone()
+    num_hints = min(int(round(hint_ratio * num_masked)), num_visible)
+    if num_hints > 0:
+        inf = torch.tensor(float("inf"), device=noise.device)
+        hints = torch.where(top, noise, inf).topk(num_hints, dim=1, largest=False).indices  # revealed
+        swaps = torch.where(top, inf, noise).topk(num_hints, dim=1, largest=False).indices  # masked instead
+        masked.scatter_(1, hints, False)
+        masked.scatter_(1, swaps, True)
+    gamma = noise + 2.0 * masked.float()
+    ids_keep, mask, ids_restore = argsort_masking(gamma, num_visible)
+    return ids_keep, mask, ids_restore, gamma
+
+
 def mask_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of `[B, L]` distributions; log(L) is uniform. A diagnostic for the training log."""
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
@@ -119,7 +225,12 @@ def max_entropy(num_patches: int) -> float:
 
 
 __all__ = [
+    "BOX_FORMATS",
     "argsort_masking",
+    "attention_masking",
+    "box_prior_masking",
+    "boxes_to_patch_mask",
+    "boxes_to_xyxy",
     "box_prior_ranges",
     "gumbel_softmax_sample",
     "mask_entropy",

@@ -21,7 +21,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.utils import ModelOutput, logging
 
 from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
-from .masking import argsort_masking, gumbel_softmax_sample, sample_box_prior, straight_through_topk
+from .masking import (
+    argsort_masking,
+    attention_masking,
+    box_prior_masking,
+    boxes_to_patch_mask,
+    gumbel_softmax_sample,
+    sample_box_prior,
+    straight_through_topk,
+)
 from .teacher import build_teacher, resize_attention, teacher_class, teacher_cls_attention, teacher_init_kwargs
 
 # Hub ViTMAE checkpoints (facebook/vit-mae-*) name decoder blocks `decoder.decoder_layers.N`, which is what we use;
@@ -68,7 +76,8 @@ class AutoMAEForPreTrainingOutput(ModelOutput):
         mask (`[B, L]`), ids_restore (`[B, L]`): as in ViTMAE.
         mask_probs (`[B, L]`): p, the soft sample that chose this step's top-K and that D judges.
         mask_logits (`[B, L]`): the score head's log-probabilities.
-        teacher_attention (`[B, heads, h, w]`): reusable for the D step.
+        teacher_attention (`[B, heads, h, w]`): reusable for the D step (also set with `masking="attention"`).
+        box_patches (`[B, L]`): with `masking="box_prior"`, 1 for the patches inside the image's boxes.
     """
 
     loss: torch.Tensor | None = None
@@ -82,6 +91,7 @@ class AutoMAEForPreTrainingOutput(ModelOutput):
     teacher_attention: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    box_patches: torch.Tensor | None = None
 
 
 @dataclass
@@ -715,6 +725,10 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
     One iteration (§3): `teacher_attention = model.mask_generator.teacher_attention(x)` once;
     `model.discriminator_loss(teacher_attention=...)` for the D step; `model(x, teacher_attention=...)` for the
     student + score-head step, minimising `loss = reconstruction_loss + adversarial_weight * generator_loss`.
+
+    Other strategies (`config.masking`, issue 6), each keeping exactly `int(L * (1 - mask_ratio))` patches visible:
+    `"random"` (plain MAE) and `"box_prior"` (`model(x, boxes=...)`) build no teacher, generator or D;
+    `"attention"` builds the mask generator for its frozen teacher only (score head frozen and unused, no D).
     """
 
     def __init__(self, config: AutoMAEConfig):
@@ -722,11 +736,16 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         self.vit = AutoMAEModel(config)
         self.decoder = AutoMAEDecoder(config)
         learned = config.masking == "learned"
-        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if learned else None
+        with_teacher = config.masking in ("learned", "attention")
+        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if with_teacher else None
         self.discriminator = AutoMAEDiscriminator(config.grid_size) if learned else None
         self.post_init()
-        if learned:
-            self.mask_generator.freeze_teacher()
+        self.refreeze()
+
+    def refreeze(self) -> None:
+        super().refreeze()
+        if self.mask_generator is not None and self.config.masking != "learned":
+            self.mask_generator.score_head.requires_grad_(False)  # attention masking: only the teacher is read
 
     def _after_loading(self, loading_info: dict) -> None:
         missing = loading_info.get("missing_keys") or []
@@ -743,16 +762,20 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         dtype = self.mask_generator.score_head[0].weight.dtype
         device = self.mask_generator.score_head[0].weight.device
         self.mask_generator.teacher = _build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
-        self.mask_generator.freeze_teacher()
+        self.refreeze()
 
     def load_teacher(self, name_or_path: str, **kwargs) -> None:
         """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`)."""
+        if self.mask_generator is None:
+            raise ValueError(f"masking={self.config.masking!r} uses no teacher; load_teacher needs 'learned' or 'attention'")
         self.mask_generator.load_teacher(name_or_path, **kwargs)
         self.config.teacher_config = self.mask_generator.config.teacher_config
         self.config.teacher_name_or_path = str(name_or_path)
+        self.refreeze()
 
     def student_parameters(self):
-        """What the student optimizer trains: encoder, decoder and score head (not D, not the teacher)."""
+        """What the student optimizer trains: encoder, decoder and (learned masking) the score head; never D or the
+        teacher."""
         return [
             p
             for name, p in self.named_parameters()
@@ -805,14 +828,23 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         generator: torch.Generator | None = None,
+        boxes=None,
+        box_format: str | None = None,
         **kwargs,
     ):
         """
         Args:
             pixel_values: `[B, C, H, W]`.
-            noise: `[B, L]` U(0, 1), ViTMAE's meaning (lowest kept); beta raises it on the learned top-K.
+            noise: `[B, L]` U(0, 1), ViTMAE's meaning (lowest kept); beta raises it on the learned top-K (or, with
+                `masking="box_prior"`, on the box patches).
             gumbel_noise: `[B, L]` Gumbel noise of the mask sample (for reproducibility).
-            teacher_attention: `[B, heads, h, w]` teacher maps computed once per iteration (or cached).
+            teacher_attention: `[B, heads, h, w]` teacher maps computed once per iteration (or cached); read by the
+                `"learned"` and `"attention"` strategies.
+            boxes: `masking="box_prior"` only: a list (one entry per image) of `[n_i, 4]` boxes (n_i >= 0), or a
+                `[B, n, 4]` tensor. A patch is inside when its centre lies in one of its image's boxes (borders
+                included); `None` or no boxes gives plain random masking for that image.
+            box_format: coordinates of `boxes`, `config.box_format` when `None`: `"xyxy"` (pixels of
+                `pixel_values`), `"xyxy_normalized"` ([0, 1]) or `"xywh"` (COCO pixels).
         Returns:
             `AutoMAEForPreTrainingOutput`.
         """
@@ -820,12 +852,41 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.vit.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        if self.mask_generator is None:  # masking="random": MAE's noise argsort, nothing else
-            num_patches = self.patchify(pixel_values).shape[1]
-            if noise is None:
-                noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device, generator=generator)
-            ids_keep, mask, ids_restore = argsort_masking(noise, num_visible_patches(num_patches, self.config.mask_ratio))
+        masking = self.config.masking
+        if boxes is not None and masking != "box_prior":
+            raise ValueError(f"`boxes` are only read with masking='box_prior', this model has masking={masking!r}")
+        patch = self.vit.embeddings.patch_embeddings.patch_size
+        grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
+        num_patches = grid[0] * grid[1]
+        num_visible = num_visible_patches(num_patches, self.config.mask_ratio)
+        box_patches = None
+        if masking != "learned" and noise is None:
+            noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device, generator=generator)
+        if masking == "random":  # MAE's noise argsort, nothing else
+            ids_keep, mask, ids_restore = argsort_masking(noise, num_visible)
             sampled = AutoMAEMaskGeneratorOutput(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+        elif masking == "box_prior":
+            if boxes is None:
+                logger.warning_once("masking='box_prior' called without boxes: random masking for this batch")
+                boxes = [[] for _ in range(pixel_values.shape[0])]
+            if len(boxes) != pixel_values.shape[0]:
+                raise ValueError(f"Expected boxes for {pixel_values.shape[0]} images, got {len(boxes)}")
+            box_patches = boxes_to_patch_mask(
+                boxes, grid, tuple(pixel_values.shape[-2:]), box_format or self.config.box_format, noise.device
+            )
+            ids_keep, mask, ids_restore, _ = box_prior_masking(noise, box_patches, self.config.mask_factor, num_visible)
+            sampled = AutoMAEMaskGeneratorOutput(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+        elif masking == "attention":
+            if teacher_attention is None:
+                with torch.no_grad():
+                    teacher_attention = self.mask_generator.teacher_attention(pixel_values)
+            teacher_attention = teacher_attention.detach().float()
+            ids_keep, mask, ids_restore, _ = attention_masking(
+                teacher_attention.mean(1).flatten(1), num_visible, self.config.attention_hint_ratio, noise, generator
+            )
+            sampled = AutoMAEMaskGeneratorOutput(
+                mask=mask, ids_restore=ids_restore, ids_keep=ids_keep, teacher_attention=teacher_attention
+            )
         else:
             sampled = self.mask_generator(
                 pixel_values,
@@ -845,8 +906,6 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        patch = self.vit.embeddings.patch_embeddings.patch_size
-        grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
         logits = self.decoder(encoded.last_hidden_state, sampled.ids_restore, grid)
         reconstruction_loss = self.forward_loss(pixel_values, logits, sampled.mask)
         if self.discriminator is None:
@@ -866,6 +925,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             teacher_attention=sampled.teacher_attention,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
+            box_patches=box_patches,
         )
         return output if return_dict else output.to_tuple()
 
@@ -885,7 +945,10 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         synchronise). Real and fake go through it in one call.
         """
         if self.discriminator is None:
-            raise ValueError("discriminator_loss is undefined with masking='random' (plain MAE has no discriminator)")
+            raise ValueError(
+                f"discriminator_loss is undefined with masking={self.config.masking!r}: only masking='learned' has a "
+                "discriminator (plain MAE 'random', 'box_prior' and 'attention' have none)"
+            )
         with torch.no_grad():
             if teacher_attention is None:
                 if pixel_values is None:

@@ -68,6 +68,8 @@ def pretraining_settings(metadata: dict, dataset: str | None = None) -> list[tup
     teacher = summary.get("teacher")
     if masking == "random":
         teacher_text = "none (random masking, plain MAE)"
+    elif masking == "box_prior":
+        teacher_text = "none (boxes of the data set raise the masking noise)"
     else:
         teacher_text = config.get("teacher_name_or_path") or {"self": "self (the student's own attention)"}.get(
             teacher, teacher or "—")
@@ -79,11 +81,13 @@ def pretraining_settings(metadata: dict, dataset: str | None = None) -> list[tup
         ("image size", config.get("image_size")),
         ("masking", masking),
         ("mask ratio", config.get("mask_ratio")),
-        ("mask factor (beta)", config.get("mask_factor") if masking == "learned" else None),
+        ("mask factor (beta)", config.get("mask_factor") if masking in ("learned", "box_prior") else None),
         ("adversarial weight (lambda)", config.get("adversarial_weight") if masking == "learned" else None),
         ("teacher", teacher_text),
         ("norm-pix loss", config.get("norm_pix_loss")),
     ]
+    if masking == "attention":
+        rows.insert(rows.index(("teacher", teacher_text)), ("attention hint ratio", config.get("attention_hint_ratio")))
     return [(k, _fmt(v)) for k, v in rows]
 
 

@@ -14,6 +14,8 @@ Examples:
     accelerate launch --num_processes 2 training/pretrain.py --dataset_name cifar10 --output_dir out ...
     python training/pretrain.py ... --teacher_name_or_path none       # plain MAE (the baseline)
     python training/pretrain.py ... --teacher_name_or_path self       # teacher-free: the student's own attention
+    python training/pretrain.py ... --masking box_prior               # boxes from an `objects`/`bbox` column
+    python training/pretrain.py ... --masking attention --teacher_name_or_path facebook/vit-mae-base  # AttMask high
     python training/pretrain.py ... --resume_from_checkpoint latest   # continue a killed run
 """
 
@@ -42,6 +44,9 @@ if str(REPO_ROOT) not in sys.path:
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
+BOX_COLUMN_CANDIDATES = ("objects", "bbox")  # HF detection conventions: objects.bbox (COCO xywh), or bbox
+MASKING_CHOICES = ("learned", "random", "box_prior", "attention")
+DATA_BOX_FORMATS = ("xywh", "xyxy", "xyxy_normalized")
 
 logger = logging.getLogger("automae.pretrain")
 
@@ -66,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set (debugging).")
     d.add_argument("--dataloader_num_workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes (decoding and augmentation happen in the workers).")
+    d.add_argument("--box_column_name", default=None,
+                   help="--masking box_prior: column holding each image's boxes; detected when unset: `objects` (with "
+                        "a `bbox` sub-field, HF's detection convention) or `bbox`. Several boxes per image.")
+    d.add_argument("--box_format", choices=DATA_BOX_FORMATS, default="xywh",
+                   help="Coordinates of the data set's boxes, relative to the original image: COCO (x, y, width, "
+                        "height) pixels as in HF `objects`/`bbox` columns, (x_min, y_min, x_max, y_max) pixels, or the "
+                        "latter normalised to [0, 1]. They follow the crop and flip of the augmentation.")
     d.add_argument("--image_size", type=int, default=None, help="Training resolution (overrides the config's image_size).")
     d.add_argument("--cache_dir", default=None, help="Where downloaded data sets and models are cached.")
 
@@ -80,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm_pix_loss", action="store_true", help="Reconstruct per-patch normalised pixels (MAE's norm-pix).")
     m.add_argument("--mask_factor", type=float, default=None, help="AutoMAE beta: noise raise on the learned top-K (0.5).")
     m.add_argument("--adversarial_weight", type=float, default=None, help="AutoMAE lambda: weight of L_G (0.2).")
+    m.add_argument("--masking", choices=MASKING_CHOICES, default=None,
+                   help="How masks are chosen: 'learned' (AutoMAE), 'random' (plain MAE), 'box_prior' (boxes of the "
+                        "data set raise the masking noise of the patches they cover by --mask_factor), 'attention' "
+                        "(the teacher's most-attended patches, AttMask 'high'). Unset: the checkpoint's / config's "
+                        "value ('learned'), or 'random' with --teacher_name_or_path none.")
+    m.add_argument("--attention_hint_ratio", type=float, default=None,
+                   help="--masking attention: share of the masked top patches revealed again at random (0).")
     m.add_argument("--teacher_name_or_path", default=None,
                    help="Frozen ViT-family teacher (Hub id or folder of a ViT / ViTMAE / DINOv2 checkpoint); "
                         "'none' trains plain MAE with random masks (the baseline); 'self' is teacher-free: the "
@@ -112,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--report_to", default="tensorboard", help="Tracker(s) for --with_tracking: tensorboard, wandb, all, ...")
     lg.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N optimizer steps.")
     lg.add_argument("--image_log_steps", type=int, default=0,
-                    help="Save a PNG grid (image, teacher attention, mask probability, mask, reconstruction) every N steps; 0: off.")
+                    help="Save a PNG grid every N steps (image, the strategy's guide: box patches / teacher attention / "
+                         "mask probability, the mask, the reconstruction); 0: off.")
     lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
     lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -195,17 +215,53 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def mae_augment(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop(size, scale 0.2-1, bicubic) + horizontal flip + normalise -> float32 [C, size, size]."""
+def mae_augment(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator,
+                return_geometry: bool = False):
+    """RandomResizedCrop(size, scale 0.2-1, bicubic) + horizontal flip + normalise -> float32 [C, size, size]
+    (and, with `return_geometry`, the crop box (left, top, w, h) in the original image and whether it was flipped)."""
     left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5:
+    flipped = bool(rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
     array = (array - mean) / std
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    array = np.ascontiguousarray(array.transpose(2, 0, 1))
+    return (array, (left, top, w, h, flipped)) if return_geometry else array
+
+
+def read_boxes(value, box_format: str, width: int, height: int) -> np.ndarray:
+    """A box-column entry -> `[n, 4]` float32 (x_min, y_min, x_max, y_max) pixels of the original image.
+
+    Accepts HF `objects` entries (a dict with `bbox`, or a list of dicts with `bbox`), a list of boxes, one box, or
+    nothing (None / empty: no box)."""
+    if isinstance(value, dict):
+        value = value.get("bbox")
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+        value = [item.get("bbox") for item in value]
+    if value is None:
+        return np.zeros((0, 4), np.float32)
+    boxes = np.asarray(value, dtype=np.float32).reshape(-1, 4)
+    if box_format == "xywh":
+        boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    elif box_format == "xyxy_normalized":
+        boxes = boxes * np.asarray([width, height, width, height], np.float32)
+    return boxes
+
+
+def transform_boxes(boxes: np.ndarray, geometry, size: int) -> np.ndarray:
+    """Original-image xyxy pixel boxes -> xyxy pixels of the `size` x `size` crop `mae_augment` produced: the same
+    crop (boxes clipped to it, dropped when nothing is left), resize and horizontal flip as the image."""
+    left, top, w, h, flipped = geometry
+    out = boxes.astype(np.float32).copy()
+    out[:, [0, 2]] = np.clip((out[:, [0, 2]] - left) * (size / w), 0, size)
+    out[:, [1, 3]] = np.clip((out[:, [1, 3]] - top) * (size / h), 0, size)
+    out = out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])]
+    if flipped:
+        out[:, [0, 2]] = size - out[:, [2, 0]]
+    return np.ascontiguousarray(out.reshape(-1, 4))
 
 
 class MapImageDataset(torch.utils.data.Dataset):
@@ -213,8 +269,10 @@ class MapImageDataset(torch.utils.data.Dataset):
     sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
     run sees exactly the same pixels as an uninterrupted one."""
 
-    def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int):
+    def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
+                 box_column: str | None = None, box_format: str = "xywh"):
         self.data, self.column, self.size, self.mode, self.seed = hf_dataset, column, size, mode, seed
+        self.box_column, self.box_format = box_column, box_format
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.epoch = 0
 
@@ -229,40 +287,77 @@ class MapImageDataset(torch.utils.data.Dataset):
         for attempt in range(min(len(self.data), 64)):
             j = (index + attempt) % len(self.data)
             try:
-                image = decode_image(self.data[j][self.column], self.mode)
+                example = self.data[j]
+                image = decode_image(example[self.column], self.mode)
+                boxes = (read_boxes(example[self.box_column], self.box_format, image.width, image.height)
+                         if self.box_column else None)
             except Exception as error:  # noqa: BLE001  (any undecodable image is skipped, never a crash)
                 skipped += 1
                 logger.warning("Skipping undecodable image at index %d: %s", j, one_line(error))
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, j])
-            return {"pixel_values": torch.from_numpy(mae_augment(image, self.size, self.mean, self.std, rng)),
-                    "skipped": skipped}
+            array, geometry = mae_augment(image, self.size, self.mean, self.std, rng, return_geometry=True)
+            item = {"pixel_values": torch.from_numpy(array), "skipped": skipped}
+            if boxes is not None:  # the same crop and flip as the pixels
+                item["boxes"] = torch.from_numpy(transform_boxes(boxes, geometry, self.size))
+            return item
         raise RuntimeError(f"No decodable image among 64 items from index {index}")
 
 
-def make_stream_transform(column, size, mean, std, mode):
+def make_stream_transform(column, size, mean, std, mode, box_column=None, box_format="xywh"):
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def transform(example):
+        empty = {"boxes": np.zeros((0, 4), np.float32)} if box_column else {}
         try:
             image = decode_image(example[column], mode)
+            boxes = read_boxes(example[box_column], box_format, image.width, image.height) if box_column else None
         except Exception:  # noqa: BLE001
-            return {"pixel_values": None, "skipped": 1}
-        return {"pixel_values": mae_augment(image, size, mean, std, np.random.default_rng()), "skipped": 0}
+            return {"pixel_values": None, "skipped": 1, **empty}
+        array, geometry = mae_augment(image, size, mean, std, np.random.default_rng(), return_geometry=True)
+        out = {"pixel_values": array, "skipped": 0}
+        if boxes is not None:
+            out["boxes"] = transform_boxes(boxes, geometry, size)
+        return out
 
     return transform
 
 
 def collate(examples):
+    """-> pixel_values `[B, C, H, W]`, skipped count, and (box_prior) boxes: a list of `[n_i, 4]` float tensors, xyxy
+    pixels of the augmented images."""
     skipped = sum(int(e["skipped"]) for e in examples)
-    kept = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
+    kept = [e for e in examples if e["pixel_values"] is not None]
     if not kept:
         return {"pixel_values": None, "skipped": torch.tensor(skipped)}
-    return {"pixel_values": torch.stack([torch.as_tensor(x) for x in kept]), "skipped": torch.tensor(skipped)}
+    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in kept]),
+             "skipped": torch.tensor(skipped)}
+    if "boxes" in kept[0]:
+        batch["boxes"] = [torch.as_tensor(np.asarray(e["boxes"], np.float32)).reshape(-1, 4) for e in kept]
+    return batch
 
 
-def load_images(args, parser):
-    """-> (hf dataset of one split, image column name)."""
+def find_box_column(args, parser, data, columns) -> str:
+    """The column of `--masking box_prior`'s boxes: `--box_column_name`, else `objects` (with a `bbox` field) or
+    `bbox`."""
+    if args.box_column_name is not None:
+        if args.box_column_name not in columns:
+            parser.error(f"--box_column_name {args.box_column_name!r} is not a column of the data set {columns}")
+        return args.box_column_name
+    features = getattr(data, "features", None) or {}
+    if "objects" in columns:
+        feature = features.get("objects") if hasattr(features, "get") else None
+        inner = getattr(feature, "feature", feature)  # Sequence / List of a struct, or the struct itself
+        if feature is None or (hasattr(inner, "keys") and "bbox" in inner.keys()):
+            return "objects"
+    if "bbox" in columns:
+        return "bbox"
+    parser.error(f"--masking box_prior needs boxes: no `objects` (with `bbox`) or `bbox` column among {columns}; "
+                 "name it with --box_column_name")
+
+
+def load_images(args, parser, with_boxes: bool = False):
+    """-> (hf dataset of one split, image column name, box column name or None)."""
     import datasets
 
     if args.dataset_name is None and args.train_dir is None:
@@ -304,10 +399,11 @@ def load_images(args, parser):
         data.features.get(column), datasets.Image
     ):
         data = data.cast_column(column, datasets.Image(decode=False))
-    data = data.select_columns([column])
+    box_column = find_box_column(args, parser, data, columns) if with_boxes else None
+    data = data.select_columns([column] + ([box_column] if box_column else []))
     if args.max_train_samples is not None:
         data = data.take(args.max_train_samples) if args.streaming else data.select(range(min(args.max_train_samples, len(data))))
-    return data, column
+    return data, column, box_column
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,14 +413,21 @@ def build_model(args, parser):
     from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
 
     overrides = parse_overrides(args.config_overrides, parser)
-    for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size"):
+    for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size", "attention_hint_ratio"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.norm_pix_loss:
         overrides["norm_pix_loss"] = True
     teacher = args.teacher_name_or_path
-    if teacher is not None and teacher.lower() == "none":
-        overrides["masking"] = "random"
+    if teacher is not None and teacher.lower() == "none":  # the historical spelling of plain MAE
+        if args.masking not in (None, "random", "box_prior"):
+            parser.error(f"--masking {args.masking} needs a teacher; --teacher_name_or_path none means random masking")
+        overrides["masking"] = args.masking or "random"
+    elif args.masking is not None:
+        overrides["masking"] = args.masking
+        if args.masking in ("random", "box_prior") and teacher is not None:
+            logger.warning("--masking %s uses no teacher: --teacher_name_or_path %s is ignored", args.masking, teacher)
+            teacher = None
     try:
         if args.model_name_or_path:
             base = AutoMAEConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
@@ -342,7 +445,9 @@ def build_model(args, parser):
         if "hidden_size" in overrides or "num_attention_heads" in overrides:
             if not (base.teacher_config and "teacher_config" in overrides):
                 values["teacher_config"] = None if not args.model_name_or_path else values.get("teacher_config")
-        if teacher is not None and teacher.lower() not in ("none", "self"):
+        if teacher is not None and teacher.lower() not in ("none", "self") and values.get("masking") in (
+            "learned", "attention"
+        ):
             # The score head is sized by the teacher's heads: build it from the teacher's own config.
             from transformers import AutoConfig
 
@@ -364,7 +469,7 @@ def build_model(args, parser):
     except Exception as error:  # noqa: BLE001
         parser.error(f"cannot build the model: {one_line(error)}")
 
-    mode = "none" if config.masking == "random" else "teacher"
+    mode = "none" if config.masking in ("random", "box_prior") else "teacher"
     if mode == "teacher":
         if teacher is None:
             if not config.teacher_name_or_path:
@@ -463,9 +568,28 @@ def _norm01(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_images: int = 8) -> None:
-    """Rows: image | teacher attention (mean over heads) | learned mask probability | sampled mask (black = masked)
-    | reconstruction (visible patches pasted back)."""
+def _draw_boxes(tile: np.ndarray, boxes, colour=(255, 0, 0)) -> np.ndarray:
+    """Outlines xyxy pixel boxes on a uint8 `[H, W, 3]` tile."""
+    tile = tile.copy()
+    height, width = tile.shape[:2]
+    for x0, y0, x1, y1 in np.asarray(boxes, np.float32).reshape(-1, 4):
+        x0, x1 = (int(np.clip(round(v), 0, width - 1)) for v in (x0, x1))
+        y0, y1 = (int(np.clip(round(v), 0, height - 1)) for v in (y0, y1))
+        tile[y0, x0:x1 + 1] = tile[y1, x0:x1 + 1] = colour
+        tile[y0:y1 + 1, x0] = tile[y0:y1 + 1, x1] = colour
+    return tile
+
+
+def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_images: int = 8, boxes=None) -> None:
+    """One row per image; columns show what the masking strategy (`model.config.masking`) used, then its mask:
+
+    - learned:   image | teacher attention (mean over heads) | learned mask probability | mask | reconstruction
+    - attention: image | teacher attention (mean over heads), the masked top patches outlined in red | mask | recon.
+    - box_prior: image with its boxes in red | the boxes' patches (white = inside) | mask | reconstruction
+    - random:    image | mask | reconstruction
+
+    The mask is white where visible, black where masked; the reconstruction pastes the visible patches back. With the
+    same data, seed and step, runs of different strategies picture the same images, so the grids compare directly."""
     n = min(max_images, pixel_values.shape[0])
     x = pixel_values[:n].detach().float().cpu()
     size = x.shape[-1]
@@ -483,11 +607,21 @@ def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_imag
     images = (x * s + m).permute(0, 2, 3, 1).numpy()
     recon = (recon * s + m).permute(0, 2, 3, 1).numpy()
     rows = []
+    masking = getattr(model.config, "masking", "learned")
     for i in range(n):
         tiles = [_to_rgb(images[i])]
+        if boxes is not None and i < len(boxes):
+            tiles[0] = _draw_boxes(tiles[0], torch.as_tensor(boxes[i]).detach().float().cpu().numpy())
+        if getattr(output, "box_patches", None) is not None:
+            tiles.append(_to_rgb(_upsample(output.box_patches[i].detach().float().cpu().view(*grid).numpy(), size)))
         if getattr(output, "teacher_attention", None) is not None:
             att = output.teacher_attention[i].detach().float().cpu().mean(0).numpy()
-            tiles.append(_to_rgb(_upsample(_norm01(att), size)))
+            tile = _to_rgb(_upsample(_norm01(att), size))
+            if masking == "attention":  # the masked patches tinted red over the attention they were chosen by
+                masked = (_upsample(mask[i].view(*grid).numpy(), size) > 0.5)[..., None]
+                tinted = tile.astype(np.float32) * np.array([1.0, 0.45, 0.45]) + np.array([90.0, 0.0, 0.0])
+                tile = np.where(masked, np.clip(tinted, 0, 255), tile).astype(np.uint8)
+            tiles.append(tile)
         if getattr(output, "mask_probs", None) is not None:
             probs = output.mask_probs[i].detach().float().cpu().view(*grid).numpy()
             tiles.append(_to_rgb(_upsample(_norm01(probs), size)))
@@ -578,13 +712,15 @@ def main(argv=None):
     std = list(processor.image_std)[: config.num_channels] if len(processor.image_std) >= config.num_channels else [processor.image_std[0]] * config.num_channels
 
     with accelerator.main_process_first():
-        hf_data, column = load_images(args, parser)
+        hf_data, column, box_column = load_images(args, parser, with_boxes=config.masking == "box_prior")
     if args.streaming:
-        train_dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode), remove_columns=[column])
+        train_dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode, box_column, args.box_format),
+                                    remove_columns=[column] + ([box_column] if box_column else []))
     else:
         if len(hf_data) == 0:
             parser.error("the training set is empty")
-        train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed)
+        train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column,
+                                        args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
                          num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
                          persistent_workers=False)
@@ -663,8 +799,8 @@ def main(argv=None):
     start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
     skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
 
-    logger.info("AutoMAE pretraining: teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch %d), "
-                "%d processes", teacher_mode, len(train_dataset) if not args.streaming else -1, max_train_steps, lr,
+    logger.info("AutoMAE pretraining: masking=%s, teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch %d), "
+                "%d processes", config.masking, teacher_mode, len(train_dataset) if not args.streaming else -1, max_train_steps, lr,
                 effective_batch, accelerator.num_processes)
 
     from tqdm.auto import tqdm
@@ -727,7 +863,9 @@ def main(argv=None):
                 if discriminator is not None:
                     d_loss, real_acc, fake_acc = discriminator_step(attention)
                     metrics.update(d_loss=d_loss, d_real_accuracy=real_acc, d_fake_accuracy=fake_acc)
-                output = model(pixel_values, teacher_attention=attention, generator=noise_generator)
+                boxes = batch.get("boxes") if config.masking == "box_prior" else None
+                box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
+                output = model(pixel_values, teacher_attention=attention, generator=noise_generator, **box_kwargs)
                 accelerator.backward(output.loss)
                 student_optimizer.step()
                 student_optimizer.zero_grad(set_to_none=True)
@@ -771,7 +909,7 @@ def main(argv=None):
 
             if args.image_log_steps and completed % args.image_log_steps == 0 and accelerator.is_main_process:
                 save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, pixel_values,
-                                output, mean, std)
+                                output, mean, std, boxes=batch.get("boxes"))
 
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
@@ -804,7 +942,8 @@ def main(argv=None):
                    "teacher_name_or_path": args.teacher_name_or_path, "output_dir": str(output_dir),
                    "dataset_name": args.dataset_name or args.train_dir, "dataset_config_name": args.dataset_config_name,
                    "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
-                   "mask_factor": config.mask_factor, "masking": config.masking}
+                   "mask_factor": config.mask_factor, "masking": config.masking,
+                   "box_column_name": box_column, "box_format": args.box_format if box_column else None}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
     if log_file is not None:
