@@ -283,3 +283,12 @@ def _keys(folder):
 
     with safe_open(str(folder / "model.safetensors"), "pt") as handle:
         return list(handle.keys())
+
+
+def test_pretrain_teacher_none_conflicts_with_attention(box_data, tmp_path):
+    from test_pretrain import common, run
+
+    result = run(common(box_data, tmp_path, 1, "--masking", "attention", "--teacher_name_or_path", "none"),
+                 check=False, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode != 0 and len(errors) == 1 and "--masking attention" in errors[0], result.stderr[-2000:]
