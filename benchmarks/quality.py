@@ -1,0 +1,279 @@
+"""What the mask buys: masking strategies side by side on real Fashion-MNIST, same budget and seeds for every arm.
+
+Arms (each through `training/pretrain.py`, tiny ViT 128x4 on 28x28 grayscale, patch 4 = 7x7 grid, batch 128):
+  MAE N          random masks, N steps (also the teacher of `attention` and `AutoMAE`, as in the paper's recipe)
+  MAE 2N         random masks, 2N steps (about the compute of MAE N + AutoMAE N)
+  box prior      the paper's pilot: the garment's bounding box (from its non-zero pixels, an oracle) masked first
+  attention      AttMask "high": the MAE N teacher's most-attended patches masked
+  AutoMAE        learned masks, MAE N as frozen teacher
+  AutoMAE (self) learned masks, teacher-free (the student's own attention)
+and two references every learned arm must be read against: raw pixels and a randomly initialised encoder.
+
+Scores: frozen-feature kNN (k=20) and linear probe on the held-out test images, with all training labels and with
+10 per class (3 draws), mean +- std over seeds, and each arm's difference to MAE N. Foreground focus: the share of
+masked patches on the garment (a patch is garment when at least half its pixels are non-zero) against the
+garment's share of the grid (what random masking gives); for AutoMAE also its learned top-K and its teacher's top-K.
+
+    python benchmarks/quality.py --quick            # 1 seed, 30 steps: a smoke test (~5 min)
+    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (~45 min, 2 cores)
+    python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+sys.path.insert(0, str(ROOT))
+
+from default_job import MODEL  # noqa: E402  (the main job's tiny ViT)
+from linear_probe import evaluate_features, extract_features  # noqa: E402
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+def load_arrays(source: str) -> dict:
+    if source == "subset":
+        return dict(np.load(ROOT / "training" / "data" / "fashion_mnist_subset.npz"))
+    if not DEBIAN.is_dir():
+        raise SystemExit("error: --data debian needs Debian's package: apt-get install dataset-fashion-mnist")
+
+    def read(name, offset):
+        with gzip.open(DEBIAN / name) as handle:
+            return np.frombuffer(handle.read(), np.uint8, offset=offset)
+
+    return {
+        "train_images": read("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+        "train_labels": read("train-labels-idx1-ubyte.gz", 8),
+        "test_images": read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+        "test_labels": read("t10k-labels-idx1-ubyte.gz", 8),
+    }
+
+
+def garment_box(image: np.ndarray) -> list[float]:
+    """COCO xywh box (pixels) around the non-zero pixels."""
+    rows, columns = np.nonzero(image)
+    if len(rows) == 0:
+        return [0.0, 0.0, float(image.shape[1]), float(image.shape[0])]
+    return [float(columns.min()), float(rows.min()), float(columns.max() - columns.min() + 1),
+            float(rows.max() - rows.min() + 1)]
+
+
+def build_dataset(arrays: dict, target: Path) -> Path:
+    """A `save_to_disk` folder: `image`, `label`, and `objects` = {"bbox": [[x, y, w, h]]} (the oracle box)."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+    from PIL import Image as PILImage
+
+    if (target / "dataset_info.json").exists():
+        return target
+    images = arrays["train_images"]
+    features = Features({"image": Image(), "label": Value("int64"),
+                         "objects": {"bbox": Sequence(Sequence(Value("float32"), length=4))}})
+    data = {
+        "image": [PILImage.fromarray(image, mode="L") for image in images],
+        "label": arrays["train_labels"].astype(int).tolist(),
+        "objects": [{"bbox": [garment_box(image)]} for image in images],
+    }
+    Dataset.from_dict(data, features).save_to_disk(str(target))
+    return target
+
+
+# ---- pretraining arms -------------------------------------------------------------------------------------------
+def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str]) -> float:
+    if (output_dir / "model.safetensors").exists():  # finished earlier: reuse (a killed benchmark resumes)
+        return float(json.loads((output_dir / "seconds.json").read_text())["seconds"])
+    command = [sys.executable, str(ROOT / "training" / "pretrain.py"), "--dataset_name", str(data),
+               "--output_dir", str(output_dir), "--config_overrides", MODEL, "--norm_pix_loss",
+               "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
+               "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
+               "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    seconds = time.perf_counter() - start
+    (output_dir / "seconds.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def arm_arguments(arm: str, mae_dir: Path) -> tuple[list[str], int]:
+    """Extra pretrain.py arguments and the step multiplier of an arm."""
+    return {
+        "MAE N": (["--teacher_name_or_path", "none"], 1),
+        "MAE 2N": (["--teacher_name_or_path", "none"], 2),
+        "box prior": (["--masking", "box_prior", "--box_column_name", "objects", "--box_format", "xywh"], 1),
+        "attention": (["--masking", "attention", "--teacher_name_or_path", str(mae_dir)], 1),
+        "AutoMAE": (["--teacher_name_or_path", str(mae_dir)], 1),
+        "AutoMAE (self)": (["--teacher_name_or_path", "self"], 1),
+    }[arm]
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+def garment_patches(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """`[N, L]` bool: at least half of the patch's pixels are non-zero."""
+    nonzero = (images > 0).float()
+    return torch.nn.functional.avg_pool2d(nonzero, patch).flatten(1) >= 0.5
+
+
+@torch.no_grad()
+def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int) -> dict:
+    """Share of masked patches on the garment; for learned masks also the learned top-K and the teacher's top-K."""
+    from automae_hf import AutoMAEForPreTraining
+
+    model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
+    on_garment = garment_patches(images)
+    pixel_values = (images - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = {}
+    if model.config.masking == "box_prior":
+        kwargs = dict(boxes=[torch.tensor([garment_box(image[0].numpy())]) for image in images], box_format="xywh")
+    if model.config.masking in ("learned", "attention") and model.mask_generator is not None:
+        attention = model.mask_generator.teacher_attention(pixel_values) if not _self_taught(model_dir) else None
+        if attention is None:
+            from automae_hf.teacher import teacher_cls_attention
+
+            attention = teacher_cls_attention(model.vit, pixel_values)
+        kwargs["teacher_attention"] = attention
+    output = model(pixel_values, generator=generator, **kwargs)
+    masked = output.mask.bool()
+    result = {"masked": (masked & on_garment).sum().item() / masked.sum().item(),
+              "grid": on_garment.float().mean().item()}
+    if "teacher_attention" in kwargs:
+        num_masked = int(masked[0].sum())
+        teacher_top = kwargs["teacher_attention"].mean(1).flatten(1).topk(num_masked, dim=1).indices
+        result["teacher top"] = on_garment.gather(1, teacher_top).float().mean().item()
+    if model.config.masking == "learned":
+        num_visible = output.mask.shape[1] - int(masked[0].sum())
+        learned_top = output.mask_probs.topk(num_visible, dim=1).indices
+        result["learned top-K"] = on_garment.gather(1, learned_top).float().mean().item()
+    return result
+
+
+def _self_taught(model_dir: Path) -> bool:
+    summary = model_dir / "train_summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("teacher") == "self"
+
+
+def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float):
+    from automae_hf import AutoMAEModel
+
+    return extract_features(AutoMAEModel.from_pretrained(model_dir), (images - mean) / std)
+
+
+def _typed_model_config() -> dict:
+    values = {}
+    for item in MODEL.split(","):
+        key, value = item.split("=")
+        values[key] = float(value) if "." in value or "e-" in value else int(value)
+    return values
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 30 steps")
+    parser.add_argument("--steps", type=int, default=300, help="N, the steps of the 1x arms")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--data", choices=["subset", "debian"], default="subset")
+    parser.add_argument("--output_dir", default="outputs/quality")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds = 30, 1
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    output_dir = Path(args.output_dir) / f"{args.data}_N{args.steps}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    arrays = load_arrays(args.data)
+    data = build_dataset(arrays, output_dir / "data")
+    train_x = torch.tensor(arrays["train_images"]).float().unsqueeze(1) / 255.0
+    test_x = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255.0
+    train_y, test_y = torch.tensor(arrays["train_labels"]).long(), torch.tensor(arrays["test_labels"]).long()
+
+    start = time.perf_counter()
+    scores: dict[str, dict[str, list[float]]] = {}
+    focus: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    metric_names = ("kNN", "linear", "kNN@10", "linear@10")
+    for seed in range(args.seeds):
+        mae_dir = output_dir / f"seed{seed}" / "MAE_N"
+        runs = {}
+        for arm in ARMS:
+            extra, multiplier = arm_arguments(arm, mae_dir)
+            run_dir = output_dir / f"seed{seed}" / arm.replace(" ", "_").replace("(", "").replace(")", "")
+            print(f"seed {seed}: {arm} ({multiplier * args.steps} steps)", flush=True)
+            seconds.setdefault(arm, []).append(pretrain(data, run_dir, multiplier * args.steps, seed, extra))
+            runs[arm] = run_dir
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(mae_dir)
+        mean, std = float(processor.image_mean[0]), float(processor.image_std[0])
+        encoders = {"raw pixels": None, "random init": "random", **runs}
+        for name, model_dir in encoders.items():
+            if model_dir == "random":
+                from automae_hf import AutoMAEConfig, AutoMAEModel
+
+                torch.manual_seed(seed)
+                encoder = AutoMAEModel(AutoMAEConfig(**_typed_model_config()))
+                train_f, test_f = (extract_features(encoder, (x - mean) / std) for x in (train_x, test_x))
+            elif model_dir is None:
+                train_f, test_f = train_x.flatten(1), test_x.flatten(1)
+            else:
+                train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
+            full = evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30)
+            few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
+            for metric, value in zip(metric_names, (full["knn"], full["linear"], few["knn"], few["linear"])):
+                scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
+            if model_dir not in (None, "random"):
+                for key, value in foreground_focus(model_dir, test_x[:1000], mean, std, seed).items():
+                    focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
+        (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
+
+    # ---- report --------------------------------------------------------------------------------------------------
+    lines = [f"Fashion-MNIST ({args.data}: {len(train_x)} train / {len(test_x)} test), N = {args.steps} steps of 128, "
+             f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets", ""]
+    header = "| encoder | " + " | ".join(metric_names) + " | masked on garment % | pretrain s |"
+    lines += [header, "|" + "---|" * (len(metric_names) + 3)]
+    baseline = {m: summarise(scores["MAE N"][m])[0] for m in metric_names}
+    for name, by_metric in scores.items():
+        cells = []
+        for metric in metric_names:
+            mean_value, std_value = summarise(by_metric[metric])
+            delta = "" if name in ("raw pixels", "random init", "MAE N") else f" ({mean_value - baseline[metric]:+.1f})"
+            cells.append(f"{mean_value:.1f} +- {std_value:.1f}{delta}")
+        garment = focus.get(name, {}).get("masked")
+        garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
+        time_cell = f"{statistics.mean(seconds[name]):.0f}" if name in seconds else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {time_cell} |")
+    grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
+    lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
+    for name in ("AutoMAE", "AutoMAE (self)", "attention"):
+        if name in focus:
+            parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in focus[name].items() if key != "grid"]
+            lines.append(f"{name}: on garment: " + ", ".join(parts))
+    lines.append(f"\nTotal wall time {time.perf_counter() - start:.0f} s; torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads.")
+    report = "\n".join(lines)
+    (output_dir / "report.md").write_text(report + "\n")
+    (output_dir / "results.json").write_text(json.dumps({"scores": scores, "focus": focus, "seconds": seconds}, indent=1))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
