@@ -146,21 +146,25 @@ def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, extra, needle):
 
 def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
     full_out, _ = full_run
-    # SIGKILLed right after step 3 (checkpoint at step 2 complete), then a save killed midway: a partial temp folder.
-    killed = run(common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
-                        "--image_log_steps", 3, "--norm_pix_loss", "--debug_kill_after_step", 3), check=False)
+    args = common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
+                  "--image_log_steps", 3, "--norm_pix_loss")
+    # 1. SIGKILL mid-run, right after step 3 (step_2 is the last complete checkpoint)
+    killed = run(args + ["--debug_kill_after_step", 3], check=False)
     assert killed.returncode != 0
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+    # 2. resumed, then SIGKILLed while writing the step-4 checkpoint (after save_state, before the atomic rename)
+    killed = run(args + ["--resume_from_checkpoint", "latest", "--debug_kill_during_checkpoint", 4], check=False)
+    assert killed.returncode != 0
     partial = checkpoints / ".tmp-step_4"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"truncated")
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_4", "step_2"]
+    (partial / "model.safetensors").write_bytes(b"truncated")  # as if cut off mid-file
     sys.path.insert(0, str(REPO_ROOT / "training"))
     from pretrain import latest_checkpoint
 
     assert latest_checkpoint(checkpoints).name == "step_2"
-    run(common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
-               "--image_log_steps", 3, "--norm_pix_loss", "--resume_from_checkpoint", "latest"))
+    # 3. resumed again to the end: the same weights and loss as the uninterrupted run
+    run(args + ["--resume_from_checkpoint", "latest"])
     expected, got = load_weights(full_out), load_weights(tmp_path)
     assert expected.keys() == got.keys()
     worst = max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "mask probability, the mask, the reconstruction); 0: off.")
     lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
     lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    lg.add_argument("--debug_kill_during_checkpoint", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -527,9 +528,9 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, checkpoint_root: Path, step: int) -> Path:
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False) -> Path:
     """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
-    previous checkpoint as `latest`."""
+    previous checkpoint as `latest`. `kill_before_commit` (tests) dies by SIGKILL between the write and the rename."""
     final = checkpoint_root / f"step_{step}"
     tmp = checkpoint_root / f".tmp-step_{step}"
     if accelerator.is_main_process:
@@ -538,6 +539,10 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int) -> Path:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if kill_before_commit:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -913,7 +918,8 @@ def main(argv=None):
 
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
-                save_checkpoint(accelerator, checkpoint_root, completed)
+                save_checkpoint(accelerator, checkpoint_root, completed,
+                                kill_before_commit=args.debug_kill_during_checkpoint == completed)
                 last_saved = completed
             if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
                 import signal  # tests: die like a preempted job (SIGKILL, no cleanup)
