@@ -1,0 +1,94 @@
+"""training/linear_probe.py: kNN and the linear probe from Python and from the command line."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+
+from linear_probe import (  # noqa: E402
+    evaluate_features,
+    extract_features,
+    few_shot_indices,
+    knn_accuracy,
+    linear_probe_accuracy,
+    main,
+)
+
+from automae_hf import AutoMAEConfig, AutoMAEModel  # noqa: E402
+
+
+def clusters(n_per_class=40, classes=4, dim=16, spread=0.3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=generator) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=generator), labels
+
+
+def test_knn_and_linear_probe_separate_clusters_and_stay_at_chance_on_noise():
+    train_x, train_y = clusters(seed=0)
+    test_x, test_y = clusters(seed=0)[0] + 0.1 * torch.randn(160, 16), clusters(seed=0)[1]
+    assert knn_accuracy(train_x, train_y, test_x, test_y) == 1.0
+    assert linear_probe_accuracy(train_x, train_y, test_x, test_y, epochs=30) == 1.0
+    noise = torch.randn(400, 16, generator=torch.Generator().manual_seed(1))
+    random_labels = torch.randint(0, 4, (400,), generator=torch.Generator().manual_seed(2))
+    chance = knn_accuracy(noise[:200], random_labels[:200], noise[200:], random_labels[200:])
+    assert chance < 0.45
+
+
+def test_few_shot_subsets_take_n_per_class_and_depend_on_the_seed():
+    _, labels = clusters(n_per_class=30)
+    first, again, other = few_shot_indices(labels, 5, 0), few_shot_indices(labels, 5, 0), few_shot_indices(labels, 5, 1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.bincount(labels[first]).tolist() == [5, 5, 5, 5]
+    result = evaluate_features(*clusters(), *clusters(seed=0), samples_per_class=5, seeds=range(2), probe_epochs=20)
+    assert set(result) == {"knn", "linear"} and result["knn"] > 0.9
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_extract_features_is_frozen_and_pooled(pooling):
+    torch.manual_seed(0)
+    config = AutoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=16, patch_size=4, num_channels=1)
+    encoder = AutoMAEModel(config).train()
+    images = torch.randn(10, 1, 16, 16)
+    features = extract_features(encoder, images, batch_size=4, pooling=pooling)
+    assert encoder.training, "the encoder's mode is restored"
+    hidden = encoder.eval()(images).last_hidden_state
+    expected = hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(1)
+    torch.testing.assert_close(features, expected)
+    assert not features.requires_grad
+    with pytest.raises(ValueError, match="pooling"):
+        extract_features(encoder, images, pooling="max")
+
+
+def test_command_line_on_a_saved_dataset(tmp_path, capsys):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+    from transformers import ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = AutoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=16, patch_size=4, num_channels=1)
+    AutoMAEModel(config).save_pretrained(tmp_path / "encoder")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(
+        tmp_path / "encoder"
+    )
+    rng = np.random.default_rng(0)
+    features = Features({"image": Image(), "label": ClassLabel(names=["dark", "bright"])})
+
+    def split(n):
+        labels = [i % 2 for i in range(n)]
+        images = [PILImage.fromarray((rng.random((16, 16)) * 100 + 150 * y).astype(np.uint8), mode="L") for y in labels]
+        return Dataset.from_dict({"image": images, "label": labels}, features)
+
+    DatasetDict({"train": split(24), "test": split(10)}).save_to_disk(str(tmp_path / "data"))
+    main(["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", str(tmp_path / "data"),
+          "--probe_epochs", "5"])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{"):])
+    assert result["knn"] == 1.0 and 0.0 <= result["linear"] <= 1.0
