@@ -27,9 +27,11 @@ SIZES = {
 }
 
 
-def automae_step(model, student_optimizer, d_optimizer, pixel_values):
-    """One iteration of shared doc §3: teacher attention once -> D step -> student + score-head step."""
-    attention = model.mask_generator.teacher_attention(pixel_values)
+def automae_step(model, student_optimizer, d_optimizer, pixel_values, attention=None):
+    """One iteration of shared doc §3: teacher attention once -> D step -> student + score-head step.
+    `attention` given: the cached-teacher mode (maps computed once per image, `--cache_teacher_attention`)."""
+    if attention is None:
+        attention = model.mask_generator.teacher_attention(pixel_values)
     d_optimizer.zero_grad(set_to_none=True)
     model.discriminator_loss(teacher_attention=attention).loss.backward()
     d_optimizer.step()
@@ -65,12 +67,31 @@ def main():
     size = kwargs["image_size"]
     pixel_values = torch.randn(args.batch_size, 3, size, size)
 
+    with torch.no_grad():
+        cached = automae.mask_generator.teacher_attention(pixel_values)
+    from transformers import ViTConfig, ViTModel
+
+    from automae_hf import AutoMAEModel
+
+    encoder = AutoMAEModel(automae.config).eval()
+    vit_fields = {k: v for k, v in kwargs.items() if not k.startswith("decoder_") and k != "norm_pix_loss"}
+    vit = ViTModel(ViTConfig(**vit_fields, attn_implementation="sdpa"), add_pooling_layer=False).eval()
+
+    def inference(model):
+        with torch.no_grad():
+            model(pixel_values)
+
     arms = {
         "ViTMAEForPreTraining step": lambda: mae_step(mae, mae_optimizer, pixel_values),
         "AutoMAEForPreTraining step (teacher + D + student)": lambda: automae_step(
             automae, student_optimizer, d_optimizer, pixel_values
         ),
         "teacher CLS attention alone": lambda: teacher_forward(automae, pixel_values),
+        "AutoMAE step, cached teacher attention (D + student)": lambda: automae_step(
+            automae, student_optimizer, d_optimizer, pixel_values, cached
+        ),
+        "ViTModel inference (SDPA)": lambda: inference(vit),
+        "AutoMAEModel inference (SDPA)": lambda: inference(encoder),
     }
     times = {name: [] for name in arms}
     for _ in range(3):
@@ -82,7 +103,7 @@ def main():
             run()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) for name, values in times.items()}
-    t_mae, t_auto, t_teacher = median.values()
+    t_mae, t_auto, t_teacher, t_cached, t_vit, t_encoder = median.values()
     print(f"size={args.size} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()} "
           f"torch={torch.__version__}")
     for name, value in median.items():
@@ -90,6 +111,8 @@ def main():
     print(f"  ratio AutoMAE / MAE                                     {t_auto / t_mae:9.3f}")
     print(f"  floor 1 + t_teacher / t_MAE                             {1 + t_teacher / t_mae:9.3f}")
     print(f"  overhead beyond the teacher (t_A - t_M - t_T) / t_M     {(t_auto - t_mae - t_teacher) / t_mae:9.3f}")
+    print(f"  ratio cached-teacher AutoMAE / MAE                      {t_cached / t_mae:9.3f}")
+    print(f"  ratio encoder inference AutoMAEModel / ViTModel         {t_encoder / t_vit:9.3f}")
 
 
 if __name__ == "__main__":

@@ -195,3 +195,32 @@ def test_two_process_cpu_ddp_ranks_agree(data_dir, tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert "unused parameters" not in result.stderr and "marked ready" not in result.stderr
+
+
+def test_crop_attention_follows_the_image_crop_and_flip():
+    sys.path.insert(0, str(REPO_ROOT / "training"))
+    from pretrain import crop_attention
+
+    rows, columns = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
+    ramp = np.stack([columns, rows]).astype(np.float32)  # channel 0: column index, channel 1: row index
+    np.testing.assert_allclose(crop_attention(ramp, (0, 0, 32, 32, False), 32, 32), ramp)
+    np.testing.assert_allclose(crop_attention(ramp, (0, 0, 32, 32, True), 32, 32), ramp[:, :, ::-1])
+    right_half = crop_attention(ramp, (16, 0, 16, 32, False), 32, 32)  # the right half, stretched to 8 columns
+    np.testing.assert_allclose(right_half[0, 0], np.minimum(3.75 + 0.5 * np.arange(8), 7))  # edge cells clamp
+    np.testing.assert_allclose(right_half[1], ramp[1])
+
+
+def test_cached_teacher_attention_mode(data_dir, tmp_path):
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    teacher = tmp_path / "teacher"
+    ViTMAEModel(ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(teacher)
+    out = tmp_path / "run"
+    run(common(data_dir / "clean", out, 2, "--teacher_name_or_path", teacher, "--cache_teacher_attention",
+               "--image_log_steps", 2))
+    last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "d_loss" in last and "mask_entropy" in last
+    refused = run(common(data_dir / "clean", tmp_path / "self", 2, "--teacher_name_or_path", "self",
+                         "--cache_teacher_attention"), check=False, timeout=120)
+    assert refused.returncode != 0 and "--cache_teacher_attention" in refused.stderr

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "value ('learned'), or 'random' with --teacher_name_or_path none.")
     m.add_argument("--attention_hint_ratio", type=float, default=None,
                    help="--masking attention: share of the masked top patches revealed again at random (0).")
+    m.add_argument("--cache_teacher_attention", action="store_true",
+                   help="Compute the teacher's attention maps once per image before training (a `datasets.map` pass, "
+                        "stored as float16) and crop/flip them with the same random resized crop and flip as the "
+                        "image, so the teacher costs nothing per step. Needs a fixed teacher (not 'self', not "
+                        "streaming).")
     m.add_argument("--teacher_name_or_path", default=None,
                    help="Frozen ViT-family teacher (Hub id or folder of a ViT / ViTMAE / DINOv2 checkpoint); "
                         "'none' trains plain MAE with random masks (the baseline); 'self' is teacher-free: the "
@@ -265,6 +270,49 @@ def transform_boxes(boxes: np.ndarray, geometry, size: int) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(-1, 4))
 
 
+def crop_attention(attention: np.ndarray, geometry, width: int, height: int) -> np.ndarray:
+    """A `[heads, g, g]` map of the whole image -> the map of `mae_augment`'s crop: bilinear samples at the centres
+    of the crop's g x g cells (same crop box and flip as the pixels). The identity for a full-image, unflipped crop."""
+    left, top, w, h, flipped = geometry
+    rows, columns = attention.shape[-2:]
+    u = (left + (np.arange(columns) + 0.5) * w / columns) / width * columns - 0.5
+    v = (top + (np.arange(rows) + 0.5) * h / rows) / height * rows - 0.5
+
+    def weights(coordinate, size):
+        coordinate = np.clip(coordinate, 0, size - 1)
+        low = np.floor(coordinate).astype(int)
+        high = np.minimum(low + 1, size - 1)
+        return low, high, (coordinate - low).astype(np.float32)
+
+    (u0, u1, fu), (v0, v1, fv) = weights(u, columns), weights(v, rows)
+    maps = attention.astype(np.float32)
+    by_row = maps[:, v0] * (1 - fv)[None, :, None] + maps[:, v1] * fv[None, :, None]
+    out = by_row[:, :, u0] * (1 - fu)[None, None, :] + by_row[:, :, u1] * fu[None, None, :]
+    return np.ascontiguousarray(out[:, :, ::-1] if flipped else out)
+
+
+@torch.no_grad()
+def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attention_fn, batch_size, device):
+    """The teacher's maps of every (resized, unaugmented) image as a float16 `teacher_attention` column."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def compute(batch):
+        arrays = []
+        for value in batch[column]:
+            try:
+                image = decode_image(value, mode).resize((size, size), Image.BICUBIC)
+            except Exception:  # noqa: BLE001  (undecodable: skipped later by the dataset anyway)
+                image = Image.new(mode, (size, size))
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            array = array[:, :, None] if array.ndim == 2 else array
+            arrays.append(((array - mean) / std).transpose(2, 0, 1))
+        pixel_values = torch.from_numpy(np.stack(arrays)).to(device)
+        maps = teacher_attention_fn(pixel_values).to(torch.float16).cpu().numpy()
+        return {"teacher_attention": list(maps)}
+
+    return hf_data.map(compute, batched=True, batch_size=batch_size, desc="teacher attention (cached once)")
+
+
 class MapImageDataset(torch.utils.data.Dataset):
     """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
     sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
@@ -301,6 +349,9 @@ class MapImageDataset(torch.utils.data.Dataset):
             item = {"pixel_values": torch.from_numpy(array), "skipped": skipped}
             if boxes is not None:  # the same crop and flip as the pixels
                 item["boxes"] = torch.from_numpy(transform_boxes(boxes, geometry, self.size))
+            if "teacher_attention" in example:  # cached maps: the same crop and flip as the pixels
+                cached = np.asarray(example["teacher_attention"], dtype=np.float32)
+                item["teacher_attention"] = torch.from_numpy(crop_attention(cached, geometry, image.width, image.height))
             return item
         raise RuntimeError(f"No decodable image among 64 items from index {index}")
 
@@ -333,6 +384,8 @@ def collate(examples):
         return {"pixel_values": None, "skipped": torch.tensor(skipped)}
     batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in kept]),
              "skipped": torch.tensor(skipped)}
+    if "teacher_attention" in kept[0]:
+        batch["teacher_attention"] = torch.stack([torch.as_tensor(e["teacher_attention"]) for e in kept])
     if "boxes" in kept[0]:
         batch["boxes"] = [torch.as_tensor(np.asarray(e["boxes"], np.float32)).reshape(-1, 4) for e in kept]
     return batch
@@ -650,6 +703,8 @@ def main(argv=None):
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
 
+    if args.streaming and args.cache_teacher_attention:
+        parser.error("--cache_teacher_attention needs a map-style data set, not --streaming")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no length)")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
@@ -724,6 +779,14 @@ def main(argv=None):
     else:
         if len(hf_data) == 0:
             parser.error("the training set is empty")
+        if args.cache_teacher_attention:
+            if teacher_mode != "teacher":
+                parser.error("--cache_teacher_attention needs a fixed teacher (--teacher_name_or_path PATH; not "
+                             "'self' or 'none')")
+            generator_module = model.mask_generator.to(accelerator.device)
+            with accelerator.main_process_first():
+                hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
+                                                generator_module.teacher_attention, 256, accelerator.device)
         train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column,
                                         args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
@@ -864,7 +927,10 @@ def main(argv=None):
             noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
             with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
                 metrics = {}
-                attention = get_teacher_attention(pixel_values) if teacher_mode != "none" else None
+                if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
+                    attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
+                else:
+                    attention = get_teacher_attention(pixel_values) if teacher_mode != "none" else None
                 if discriminator is not None:
                     d_loss, real_acc, fake_acc = discriminator_step(attention)
                     metrics.update(d_loss=d_loss, d_real_accuracy=real_acc, d_fake_accuracy=fake_acc)
