@@ -140,12 +140,12 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
     if model.config.masking == "box_prior":
         kwargs = dict(boxes=[torch.tensor([garment_box(image[0].numpy())]) for image in images], box_format="xywh")
     if model.config.masking in ("learned", "attention") and model.mask_generator is not None:
-        attention = model.mask_generator.teacher_attention(pixel_values) if not _self_taught(model_dir) else None
-        if attention is None:
+        if _self_taught(model_dir):  # teacher-free: the student's own attention, as in training
             from automae_hf.teacher import teacher_cls_attention
 
-            attention = teacher_cls_attention(model.vit, pixel_values)
-        kwargs["teacher_attention"] = attention
+            kwargs["teacher_attention"] = teacher_cls_attention(model.vit, pixel_values)
+        else:
+            kwargs["teacher_attention"] = model.mask_generator.teacher_attention(pixel_values)
     output = model(pixel_values, generator=generator, **kwargs)
     masked = output.mask.bool()
     result = {"masked": (masked & on_garment).sum().item() / masked.sum().item(),
@@ -170,14 +170,6 @@ def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float):
     from automae_hf import AutoMAEModel
 
     return extract_features(AutoMAEModel.from_pretrained(model_dir), (images - mean) / std)
-
-
-def _typed_model_config() -> dict:
-    values = {}
-    for item in MODEL.split(","):
-        key, value = item.split("=")
-        values[key] = float(value) if "." in value or "e-" in value else int(value)
-    return values
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
@@ -230,7 +222,7 @@ def main(argv=None) -> None:
                 from automae_hf import AutoMAEConfig, AutoMAEModel
 
                 torch.manual_seed(seed)
-                encoder = AutoMAEModel(AutoMAEConfig(**_typed_model_config()))
+                encoder = AutoMAEModel(AutoMAEConfig.from_pretrained(mae_dir))  # MAE N's architecture, fresh weights
                 train_f, test_f = (extract_features(encoder, (x - mean) / std) for x in (train_x, test_x))
             elif model_dir is None:
                 train_f, test_f = train_x.flatten(1), test_x.flatten(1)

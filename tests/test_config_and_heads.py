@@ -9,18 +9,7 @@ from automae_hf import AutoMAEConfig, AutoMAEForImageClassification, AutoMAEMask
 
 logging.set_verbosity_error()
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=32,
-)
+from conftest import make_tiny_config  # noqa: E402  (the shared tiny architecture)
 
 
 def test_every_vitmae_field_has_the_same_name_and_default():
@@ -62,7 +51,7 @@ def test_every_vitmae_field_has_the_same_name_and_default():
 )
 def test_impossible_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
-        AutoMAEConfig(**{**TINY, **overrides})
+        make_tiny_config(**overrides)
 
 
 def test_mask_generator_config_validates_too():
@@ -71,7 +60,7 @@ def test_mask_generator_config_validates_too():
 
 
 def test_config_round_trip_and_loading_from_a_vitmae_folder(tmp_path):
-    config = AutoMAEConfig(**TINY, mask_factor=0.3, teacher_config={"model_type": "vit", "hidden_size": 48})
+    config = make_tiny_config(mask_factor=0.3, teacher_config={"model_type": "vit", "hidden_size": 48})
     config.save_pretrained(tmp_path / "ours")
     loaded = AutoMAEConfig.from_pretrained(tmp_path / "ours")
     assert loaded.mask_factor == 0.3 and loaded.teacher_config["hidden_size"] == 48
@@ -83,7 +72,7 @@ def test_config_round_trip_and_loading_from_a_vitmae_folder(tmp_path):
 
 def test_encoder_at_inference_masks_nothing_and_is_deterministic():
     torch.manual_seed(0)
-    model = AutoMAEModel(AutoMAEConfig(**TINY)).eval()
+    model = AutoMAEModel(make_tiny_config()).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
     first = model(pixel_values, output_hidden_states=True, output_attentions=True)
     second = model(pixel_values)
@@ -100,7 +89,7 @@ def test_encoder_at_inference_masks_nothing_and_is_deterministic():
 
 def test_mean_pooling():
     torch.manual_seed(0)
-    model = AutoMAEModel(AutoMAEConfig(**TINY, pooling="mean")).eval()
+    model = AutoMAEModel(make_tiny_config(pooling="mean")).eval()
     output = model(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(output.pooler_output, output.last_hidden_state[:, 1:].mean(1))
 
@@ -108,7 +97,7 @@ def test_mean_pooling():
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_classification_trains_with_the_hf_trainer(tmp_path, pooling):
     torch.manual_seed(0)
-    config = AutoMAEConfig(**TINY, pooling=pooling, num_labels=3)
+    config = make_tiny_config(pooling=pooling, num_labels=3)
     model = AutoMAEForImageClassification(config)
     pixel_values = torch.randn(12, 3, 32, 32)
     labels = torch.arange(12) % 3
