@@ -419,7 +419,9 @@ class AutoMAEDiscriminator(nn.Module):
             weights = [conv.weight for conv in convs]
         hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
         hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
-        return F.conv2d(self.pool(hidden), weights[2]).flatten()
+        if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3: skip the (costly on CPU) identity pool
+            hidden = self.pool(hidden)
+        return F.conv2d(hidden, weights[2]).flatten()
 
 
 # --------------------------------------------------------------------------------------------------------------

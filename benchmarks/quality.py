@@ -43,6 +43,23 @@ from linear_probe import evaluate_features, extract_features  # noqa: E402
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
+# Issue 5, item 3: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
+# as teacher). arm -> (config overrides, teacher).
+ABLATION = {
+    "tau 0.5": (",gumbel_tau=0.5", "MAE_N"),
+    "tau 0.3": (",gumbel_tau=0.3", "MAE_N"),
+    "alpha 2": (",box_prior_alpha=2.0", "MAE_N"),
+    "alpha 3": (",box_prior_alpha=3.0", "MAE_N"),
+    "lambda 0": (",adversarial_weight=0.0", "MAE_N"),
+    "lambda 0.05": (",adversarial_weight=0.05", "MAE_N"),
+    "lambda 1": (",adversarial_weight=1.0", "MAE_N"),
+    "beta 0.25": (",mask_factor=0.25", "MAE_N"),
+    "beta 1": (",mask_factor=1.0", "MAE_N"),
+    "teacher MAE 2N": ("", "MAE_2N"),
+}
+ABLATION_ARMS = ("MAE N", "AutoMAE", *ABLATION, "AutoMAE (self)")
+TEACHER_OF = {"attention": "MAE N", "AutoMAE": "MAE N", "teacher MAE 2N": "MAE 2N",
+              **{arm: "MAE N" for arm, (_, teacher) in ABLATION.items() if teacher == "MAE_N"}}
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -93,31 +110,67 @@ def build_dataset(arrays: dict, target: Path) -> Path:
 
 
 # ---- pretraining arms -------------------------------------------------------------------------------------------
-def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str]) -> float:
+def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str], overrides: str = "",
+             threads: int | None = None) -> float:
     if (output_dir / "model.safetensors").exists():  # finished earlier: reuse (a killed benchmark resumes)
         return float(json.loads((output_dir / "seconds.json").read_text())["seconds"])
     command = [sys.executable, str(ROOT / "training" / "pretrain.py"), "--dataset_name", str(data),
-               "--output_dir", str(output_dir), "--config_overrides", MODEL, "--norm_pix_loss",
+               "--output_dir", str(output_dir), "--config_overrides", MODEL + overrides, "--norm_pix_loss",
                "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
                "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
                "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        environment["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
     seconds = time.perf_counter() - start
-    (output_dir / "seconds.json").write_text(json.dumps({"seconds": seconds}))
+    (output_dir / "seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}))
     return seconds
 
 
-def arm_arguments(arm: str, mae_dir: Path) -> tuple[list[str], int]:
-    """Extra pretrain.py arguments and the step multiplier of an arm."""
+def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
+    """pretrain.py arguments, config overrides (",key=value...") and the step multiplier of an arm."""
+    mae_n, mae_2n = str(seed_dir / "MAE_N"), str(seed_dir / "MAE_2N")
+    if arm in ABLATION:
+        overrides, teacher = ABLATION[arm]
+        return ["--teacher_name_or_path", teacher.replace("MAE_N", mae_n).replace("MAE_2N", mae_2n)], overrides, 1
     return {
-        "MAE N": (["--teacher_name_or_path", "none"], 1),
-        "MAE 2N": (["--teacher_name_or_path", "none"], 2),
-        "box prior": (["--masking", "box_prior", "--box_column_name", "objects", "--box_format", "xywh"], 1),
-        "attention": (["--masking", "attention", "--teacher_name_or_path", str(mae_dir)], 1),
-        "AutoMAE": (["--teacher_name_or_path", str(mae_dir)], 1),
-        "AutoMAE (self)": (["--teacher_name_or_path", "self"], 1),
+        "MAE N": (["--teacher_name_or_path", "none"], "", 1),
+        "MAE 2N": (["--teacher_name_or_path", "none"], "", 2),
+        "box prior": (["--masking", "box_prior", "--box_column_name", "objects", "--box_format", "xywh"], "", 1),
+        "attention": (["--masking", "attention", "--teacher_name_or_path", mae_n], "", 1),
+        "AutoMAE": (["--teacher_name_or_path", mae_n], "", 1),
+        "AutoMAE (self)": (["--teacher_name_or_path", "self"], "", 1),
     }[arm]
+
+
+def arm_folder(arm: str) -> str:
+    return arm.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+
+
+def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, seeds: int, workers: int) -> dict:
+    """Trains every (seed, arm), teachers (MAE N, MAE 2N) first; `workers` runs side by side, 1 thread each when > 1.
+
+    Returns {arm: [seconds per seed]}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    seconds: dict[str, dict[int, float]] = {}
+
+    def run(job):
+        seed, arm = job
+        extra, overrides, multiplier = arm_arguments(arm, output_dir / f"seed{seed}")
+        print(f"seed {seed}: {arm} ({multiplier * steps} steps)", flush=True)
+        run_dir = output_dir / f"seed{seed}" / arm_folder(arm)
+        seconds.setdefault(arm, {})[seed] = pretrain(data, run_dir, multiplier * steps, seed, extra, overrides, threads)
+
+    teachers = [arm for arm in ("MAE N", "MAE 2N") if arm in arms or any(TEACHER_OF.get(a) == arm for a in arms)]
+    with ThreadPoolExecutor(workers) as pool:
+        for phase in (teachers, [arm for arm in arms if arm not in teachers]):
+            list(pool.map(run, [(seed, arm) for seed in range(seeds) for arm in phase]))
+    return {arm: [by_seed[seed] for seed in sorted(by_seed)] for arm, by_seed in seconds.items()}
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -169,60 +222,107 @@ def _self_taught(model_dir: Path) -> bool:
 def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float):
     from automae_hf import AutoMAEModel
 
-    return extract_features(AutoMAEModel.from_pretrained(model_dir), (images - mean) / std)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return extract_features(AutoMAEModel.from_pretrained(model_dir).to(device), (images - mean) / std)
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def build_classification_dataset(arrays: dict, target: Path) -> Path:
+    """`save_to_disk` DatasetDict (train / test) with a ClassLabel column, for `training/finetune.py`."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    if (target / "dataset_dict.json").exists():
+        return target
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    DatasetDict({
+        split: Dataset.from_dict({"image": [PILImage.fromarray(image, mode="L") for image in arrays[f"{split}_images"]],
+                                  "label": arrays[f"{split}_labels"].astype(int).tolist()}, features)
+        for split in ("train", "test")
+    }).save_to_disk(str(target))
+    return target
+
+
+def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10) -> float:
+    """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection on
+    the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}`."""
+    output = model_dir / f"finetune{per_class}_seed{seed}"
+    results = output / "all_results.json"
+    if not results.exists():
+        command = [sys.executable, str(ROOT / "training" / "finetune.py"), "--model_name_or_path", str(model_dir),
+                   "--dataset_name", str(data), "--output_dir", str(output), "--train_samples_per_class", str(per_class),
+                   "--num_train_epochs", "40", "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
+                   "--layer_decay", "0.75", "--no_augmentation", "--eval_strategy", "no", "--seed", str(seed),
+                   "--dataloader_num_workers", "0", "--logging_steps", "50"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        for leftover in output.glob("*.safetensors"):  # only the number is needed; keep the folder small
+            leftover.unlink()
+    return float(json.loads(results.read_text())["eval_accuracy"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 30 steps")
+    parser.add_argument("--ablation", action="store_true",
+                        help="issue 5 item 3: the knob ablation (tau, alpha, lambda, beta, teacher) instead of the arms")
+    parser.add_argument("--arms", default=None, help="comma-separated subset of the arms to run (default: all)")
     parser.add_argument("--steps", type=int, default=300, help="N, the steps of the 1x arms")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pretraining runs side by side (1 thread each); pretrain seconds then are not comparable")
     parser.add_argument("--data", choices=["subset", "debian"], default="subset")
     parser.add_argument("--output_dir", default="outputs/quality")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 30, 1
+    arms = list(ABLATION_ARMS if args.ablation else ARMS)
+    if args.arms:
+        chosen = [arm.strip() for arm in args.arms.split(",")]
+        unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION)]
+        if unknown:
+            parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION]}")
+        arms = chosen
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     output_dir = Path(args.output_dir) / f"{args.data}_N{args.steps}"
     output_dir.mkdir(parents=True, exist_ok=True)
     arrays = load_arrays(args.data)
     data = build_dataset(arrays, output_dir / "data")
+    labelled = build_classification_dataset(arrays, output_dir / "data_classification")
     train_x = torch.tensor(arrays["train_images"]).float().unsqueeze(1) / 255.0
     test_x = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255.0
     train_y, test_y = torch.tensor(arrays["train_labels"]).long(), torch.tensor(arrays["test_labels"]).long()
 
     start = time.perf_counter()
+    seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers)
     scores: dict[str, dict[str, list[float]]] = {}
     focus: dict[str, dict[str, list[float]]] = {}
-    seconds: dict[str, list[float]] = {}
-    metric_names = ("kNN", "linear", "kNN@10", "linear@10")
+    metric_names = ("kNN", "linear", "kNN@10", "linear@10", "finetune@10")
     for seed in range(args.seeds):
         mae_dir = output_dir / f"seed{seed}" / "MAE_N"
-        runs = {}
-        for arm in ARMS:
-            extra, multiplier = arm_arguments(arm, mae_dir)
-            run_dir = output_dir / f"seed{seed}" / arm.replace(" ", "_").replace("(", "").replace(")", "")
-            print(f"seed {seed}: {arm} ({multiplier * args.steps} steps)", flush=True)
-            seconds.setdefault(arm, []).append(pretrain(data, run_dir, multiplier * args.steps, seed, extra))
-            runs[arm] = run_dir
+        runs = {arm: output_dir / f"seed{seed}" / arm_folder(arm) for arm in arms}
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(mae_dir)
         mean, std = float(processor.image_mean[0]), float(processor.image_std[0])
-        encoders = {"raw pixels": None, "random init": "random", **runs}
+        encoders = {"raw pixels": None, "random init": output_dir / f"seed{seed}" / "random_init", **runs}
+        if args.ablation:
+            encoders.pop("raw pixels"), encoders.pop("random init")
+        print(f"seed {seed}: evaluating {len(encoders)} encoders", flush=True)
         for name, model_dir in encoders.items():
-            if model_dir == "random":
+            if name == "random init":
                 from automae_hf import AutoMAEConfig, AutoMAEModel
 
                 torch.manual_seed(seed)
                 encoder = AutoMAEModel(AutoMAEConfig.from_pretrained(mae_dir))  # MAE N's architecture, fresh weights
+                encoder.save_pretrained(model_dir), processor.save_pretrained(model_dir)
                 train_f, test_f = (extract_features(encoder, (x - mean) / std) for x in (train_x, test_x))
             elif model_dir is None:
                 train_f, test_f = train_x.flatten(1), test_x.flatten(1)
@@ -230,41 +330,56 @@ def main(argv=None) -> None:
                 train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
             full = evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30)
             few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
-            for metric, value in zip(metric_names, (full["knn"], full["linear"], few["knn"], few["linear"])):
-                scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
-            if model_dir not in (None, "random"):
+            values = [full["knn"], full["linear"], few["knn"], few["linear"]]
+            values.append(finetune_few_shot(model_dir, labelled, seed) if model_dir is not None else None)
+            for metric, value in zip(metric_names, values):
+                if value is not None:
+                    scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
+            if name not in ("raw pixels", "random init"):
                 for key, value in foreground_focus(model_dir, test_x[:1000], mean, std, seed).items():
                     focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
         (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
+    report = make_report(args, scores, focus, seconds, len(train_x), len(test_x), metric_names,
+                         time.perf_counter() - start)
+    name = "ablation" if args.ablation else "report"
+    (output_dir / f"{name}.md").write_text(report + "\n")
+    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "seconds": seconds}, indent=1))
+    print(report)
 
-    # ---- report --------------------------------------------------------------------------------------------------
-    lines = [f"Fashion-MNIST ({args.data}: {len(train_x)} train / {len(test_x)} test), N = {args.steps} steps of 128, "
-             f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets", ""]
-    header = "| encoder | " + " | ".join(metric_names) + " | masked on garment % | pretrain s |"
-    lines += [header, "|" + "---|" * (len(metric_names) + 3)]
-    baseline = {m: summarise(scores["MAE N"][m])[0] for m in metric_names}
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def make_report(args, scores, focus, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
+    lines = [f"Fashion-MNIST ({args.data}: {num_train} train / {num_test} test), N = {args.steps} steps of 128, "
+             f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
+             f"(* where it exceeds both arms' seed std)", ""]
+    header = "| encoder | " + " | ".join(metric_names) + " | masked on garment % | learned top-K on garment % | pretrain s |"
+    lines += [header, "|" + "---|" * (len(metric_names) + 4)]
+    baseline = {m: summarise(scores["MAE N"][m]) for m in metric_names}
     for name, by_metric in scores.items():
         cells = []
         for metric in metric_names:
+            if metric not in by_metric:
+                cells.append("-")
+                continue
             mean_value, std_value = summarise(by_metric[metric])
-            delta = "" if name in ("raw pixels", "random init", "MAE N") else f" ({mean_value - baseline[metric]:+.1f})"
-            cells.append(f"{mean_value:.1f} +- {std_value:.1f}{delta}")
-        garment = focus.get(name, {}).get("masked")
-        garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
+            delta = mean_value - baseline[metric][0]
+            beyond = "*" if abs(delta) > max(std_value, baseline[metric][1]) else ""
+            tail = "" if name in ("raw pixels", "random init", "MAE N") else f" ({delta:+.1f}{beyond})"
+            cells.append(f"{mean_value:.1f} +- {std_value:.1f}{tail}")
+        garment, top = focus.get(name, {}).get("masked"), focus.get(name, {}).get("learned top-K")
         time_cell = f"{statistics.mean(seconds[name]):.0f}" if name in seconds else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {time_cell} |")
+        garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
+        top_cell = f"{summarise(top)[0]:.1f}" if top else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {time_cell} |")
     grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
     lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
-    for name in ("AutoMAE", "AutoMAE (self)", "attention"):
-        if name in focus:
-            parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in focus[name].items() if key != "grid"]
+    for name, by_key in focus.items():
+        if "teacher top" in by_key:
+            parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in by_key.items() if key != "grid"]
             lines.append(f"{name}: on garment: " + ", ".join(parts))
-    lines.append(f"\nTotal wall time {time.perf_counter() - start:.0f} s; torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads.")
-    report = "\n".join(lines)
-    (output_dir / "report.md").write_text(report + "\n")
-    (output_dir / "results.json").write_text(json.dumps({"scores": scores, "focus": focus, "seconds": seconds}, indent=1))
-    print(report)
+    lines.append(f"\nTotal wall time {wall_seconds:.0f} s ({args.workers} pretraining worker(s)); torch "
+                 f"{torch.__version__}, {torch.get_num_threads()} threads.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

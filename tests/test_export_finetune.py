@@ -366,6 +366,19 @@ def test_finetune_vit_export_few_shot_in_process(exported, data_dir, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vit"
 
 
+def test_finetune_fixed_schedule_keeps_last_weights_without_checkpoints(exported, data_dir, tmp_path):
+    # --eval_strategy no: no per-epoch evaluation or model selection on the evaluation split (few-shot benchmarks).
+    finetune.main(["--model_name_or_path", str(exported["automae"]), "--dataset_name", str(data_dir), "--output_dir",
+                   str(tmp_path), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+                   "--train_samples_per_class", "2", "--dataloader_num_workers", "0", "--eval_strategy", "no"])
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    assert results["epoch"] == 2.0 and results.get("best_checkpoint") is None
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert not list(tmp_path.glob("checkpoint-*"))
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert [entry for entry in state["log_history"] if "eval_accuracy" in entry] == [state["log_history"][-1]]
+
+
 def test_layer_wise_lr_decay_groups(exported):
     import automae_hf  # noqa: F401
     from automae_hf import AutoMAEForImageClassification

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup_ratio", type=float, default=0.1)
     t.add_argument("--label_smoothing_factor", type=float, default=0.0)
     t.add_argument("--early_stopping_patience", type=int, default=5, help="Epochs without improvement; 0: off.")
+    t.add_argument("--eval_strategy", choices=("epoch", "no"), default="epoch",
+                   help="epoch: evaluate and checkpoint every epoch, restore the best; no: a fixed schedule, the last "
+                        "weights evaluated once at the end (no model selection on the evaluation split).")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--logging_steps", type=int, default=10)
     t.add_argument("--dataloader_num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -374,10 +377,10 @@ def main(argv=None):
         warmup_steps=int(round(args.warmup_ratio * steps_per_epoch * max(args.num_train_epochs, 1)))
         if args.max_steps <= 0 else int(round(args.warmup_ratio * args.max_steps)),
         label_smoothing_factor=args.label_smoothing_factor,
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy=args.eval_strategy,
+        save_strategy=args.eval_strategy,
         save_total_limit=2,
-        load_best_model_at_end=True,
+        load_best_model_at_end=args.eval_strategy == "epoch",
         metric_for_best_model="accuracy",
         greater_is_better=True,
         logging_steps=args.logging_steps,
@@ -391,7 +394,8 @@ def main(argv=None):
     )
     optimizer = torch.optim.AdamW(param_groups_lrd(model, args.learning_rate, args.weight_decay, args.layer_decay),
                                   lr=args.learning_rate, betas=(0.9, args.adam_beta2))
-    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else []
+    selecting = args.eval_strategy == "epoch" and args.early_stopping_patience > 0
+    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if selecting else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collate, compute_metrics=compute_metrics, optimizers=(optimizer, None),
                       callbacks=callbacks)
@@ -400,7 +404,7 @@ def main(argv=None):
                 eval_split, config.num_hidden_layers, args.layer_decay, getattr(config, "pooling", "cls"),
                 metric_source)
     train_result = trainer.train()
-    trainer.save_model(args.output_dir)  # the best checkpoint (load_best_model_at_end)
+    trainer.save_model(args.output_dir)  # the best checkpoint (load_best_model_at_end), else the last weights
     processor.save_pretrained(args.output_dir)
     metrics = {**train_result.metrics, **trainer.evaluate()}
     metrics.update(eval_split=eval_split, train_samples=len(train), eval_samples=len(evaluation),

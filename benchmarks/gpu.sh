@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 5's figures on one H100/H200-class GPU.
+#
+#   bash benchmarks/gpu.sh            # cost: ViT-S/16 and ViT-B/16 at 224 px, bf16, batch 64 and 128 (< 8 minutes)
+#   bash benchmarks/gpu.sh quality    # the long quality recipe: full 60k Fashion-MNIST, 3000 steps, 3 seeds
+#
+# Figures go to $OUT (default outputs/gpu): one JSON per speed run plus summary.txt; quality writes
+# $OUT/quality/debian_N3000/report.md. Environment: DEVICE (cuda), SIZES, BATCHES, STEPS to scale the speed part
+# (`DEVICE=cpu SIZES=tiny BATCHES=8 STEPS=2 bash benchmarks/gpu.sh` is a quick CPU check of the script itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-outputs/gpu}"
+DEVICE="${DEVICE:-cuda}"
+mkdir -p "$OUT"
+bash scripts/setup.sh training >/dev/null
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [[ "${1:-speed}" == "quality" ]]; then
+    # needs Debian's data set: apt-get install dataset-fashion-mnist
+    python benchmarks/quality.py --data debian --steps "${QUALITY_STEPS:-3000}" --workers "${WORKERS:-3}" \
+        --output_dir "$OUT/quality" | tee "$OUT/quality.txt"
+    exit 0
+fi
+
+precision=(--bf16)
+[[ "$DEVICE" == "cpu" ]] && precision=()
+summary="$OUT/summary.txt"
+{ date -u; python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() \
+    if torch.cuda.is_available() else 'no CUDA device')"; } > "$summary"
+for size in ${SIZES:-vit-s16 vit-b16}; do
+    for batch in ${BATCHES:-64 128}; do
+        python benchmarks/speed.py --size "$size" --batch_size "$batch" --device "$DEVICE" "${precision[@]}" \
+            --steps "${STEPS:-20}" --memory --output_json "$OUT/speed_${size}_bs${batch}.json" | tee -a "$summary"
+    done
+done
+echo "figures: $summary and $OUT/speed_*.json"
