@@ -7,7 +7,7 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig
+from .configuration_automae import AUTOMAE_PRESETS, AutoMAEConfig, AutoMAEMaskGeneratorConfig
 from .modeling_automae import (
     AutoMAEDiscriminator,
     AutoMAEForImageClassification,
@@ -39,6 +39,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "AUTOMAE_PRESETS",
     "AutoMAEConfig",
     "AutoMAEDiscriminator",
     "AutoMAEForImageClassification",

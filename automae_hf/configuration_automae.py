@@ -50,6 +50,15 @@ MASK_GENERATOR_AUTO_MAP = {
 }
 
 
+# Named settings of the knobs that decide how the mask is learned, for `training/pretrain.py --preset NAME` or
+# `AutoMAEConfig(**AUTOMAE_PRESETS[NAME], ...)`. Measured side by side in benchmarks/RESULTS.md (issue 5, item 3).
+AUTOMAE_PRESETS = {
+    # The released code's settings, which are also the config's defaults.
+    "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
+                      box_prior_alpha=0.5),
+}
+
+
 def _set_auto_map(config, auto_map: dict) -> None:
     existing = dict(getattr(config, "auto_map", None) or {})
     config.auto_map = {**auto_map, **existing}
@@ -104,6 +113,11 @@ def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
     _check(math.isfinite(gumbel_tau) and gumbel_tau > 0, "gumbel_tau", f"must be finite and > 0, got {gumbel_tau}")
 
 
+def validate_noise_scale(gumbel_noise_scale) -> None:
+    _check(math.isfinite(gumbel_noise_scale) and gumbel_noise_scale >= 0, "gumbel_noise_scale",
+           f"must be finite and >= 0, got {gumbel_noise_scale}")
+
+
 class AutoMAEConfig(PreTrainedConfig):
     r"""
     Configuration of an AutoMAE model: a ViTMAE student (same fields, names, meanings and defaults as
@@ -116,7 +130,11 @@ class AutoMAEConfig(PreTrainedConfig):
         adversarial_weight (`float`, defaults to 0.2):
             lambda: the generator loss weight in `loss = reconstruction_loss + lambda * generator_loss`.
         gumbel_tau (`float`, defaults to 1.0):
-            Temperature of the Gumbel-Softmax sample over patches.
+            Temperature of the Gumbel-Softmax sample over patches. It shapes the relaxed distribution (what the
+            discriminator sees, the straight-through gradient), not which patches the hard top-K picks.
+        gumbel_noise_scale (`float`, defaults to 1.0):
+            Multiplies the Gumbel noise added to the scores before the top-K (not in the reference: 1.0). Below 1
+            the learned scores decide more of the mask; 0 takes the scores' top-K deterministically.
         box_prior_alpha (`float`, defaults to 0.5):
             Value inside the random rectangle of the pseudo-real masks that the discriminator learns from.
         score_hidden_channels (`int`, defaults to 6):
@@ -169,6 +187,7 @@ class AutoMAEConfig(PreTrainedConfig):
     mask_factor: float = 0.5
     adversarial_weight: float = 0.2
     gumbel_tau: float = 1.0
+    gumbel_noise_scale: float = 1.0
     box_prior_alpha: float = 0.5
     score_hidden_channels: int = 6
     teacher_config: dict | None = None
@@ -199,6 +218,7 @@ class AutoMAEConfig(PreTrainedConfig):
                    f"({hidden}) must be a multiple of {prefix}num_attention_heads ({heads})")
             _check(getattr(self, f"{prefix}num_hidden_layers") >= 0, f"{prefix}num_hidden_layers", "must be >= 0")
         validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
+        validate_noise_scale(self.gumbel_noise_scale)
         _check(self.adversarial_weight >= 0, "adversarial_weight", f"must be >= 0, got {self.adversarial_weight}")
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
@@ -240,6 +260,7 @@ class AutoMAEConfig(PreTrainedConfig):
             mask_ratio=self.mask_ratio,
             mask_factor=self.mask_factor,
             gumbel_tau=self.gumbel_tau,
+            gumbel_noise_scale=self.gumbel_noise_scale,
             score_hidden_channels=self.score_hidden_channels,
         )
 
@@ -253,7 +274,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         teacher_config (`dict`): config dict of the teacher, with `model_type` in `vit_mae`, `vit`, `dinov2`.
         teacher_name_or_path (`str`, *optional*): where the teacher's weights come from.
         image_size, patch_size, num_channels: the **student's** geometry; the mask lives on its patch grid.
-        mask_ratio, mask_factor, gumbel_tau, score_hidden_channels: as in [`AutoMAEConfig`].
+        mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale, score_hidden_channels: as in [`AutoMAEConfig`].
     """
 
     model_type = "automae_mask_generator"
@@ -266,6 +287,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
     mask_ratio: float = 0.75
     mask_factor: float = 0.5
     gumbel_tau: float = 1.0
+    gumbel_noise_scale: float = 1.0
     score_hidden_channels: int = 6
 
     def __post_init__(self, **kwargs):
@@ -278,6 +300,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
             self.teacher_config = {"model_type": "vit_mae", "image_size": self.image_size, "patch_size": 16}
         grid = validate_grid(self.image_size, self.patch_size, self.num_channels)
         validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
+        validate_noise_scale(self.gumbel_noise_scale)
         validate_teacher_config(self.teacher_config)
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
 
@@ -291,4 +314,4 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         return rows * columns
 
 
-__all__ = ["AutoMAEConfig", "AutoMAEMaskGeneratorConfig"]
+__all__ = ["AUTOMAE_PRESETS", "AutoMAEConfig", "AutoMAEMaskGeneratorConfig"]

@@ -13,21 +13,26 @@ import torch
 
 
 def gumbel_softmax_sample(
-    log_probs: torch.Tensor, tau: float = 1.0, gumbel_noise: torch.Tensor | None = None, generator=None
+    log_probs: torch.Tensor,
+    tau: float = 1.0,
+    gumbel_noise: torch.Tensor | None = None,
+    generator=None,
+    noise_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Soft Gumbel-Softmax sample over patches.
+    """Soft Gumbel-Softmax sample over patches: softmax((log_probs + noise_scale * g) / tau).
 
     Args:
         log_probs: `[B, L]` log-probabilities of the score head.
         tau: temperature.
         gumbel_noise: optional `[B, L]` Gumbel(0, 1) noise (drawn here when `None`).
+        noise_scale: multiplies the noise (1: the reference; 0: the scores alone).
     Returns:
         p: `[B, L]`, non-negative, summing to 1 over L, differentiable w.r.t. `log_probs`.
     """
     if gumbel_noise is None:
         uniform = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
         gumbel_noise = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
-    return torch.softmax((log_probs.float() + gumbel_noise.float()) / tau, dim=-1)
+    return torch.softmax((log_probs.float() + noise_scale * gumbel_noise.float()) / tau, dim=-1)
 
 
 def straight_through_topk(probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -678,6 +678,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         gumbel_tau: float | None = None,
         generator: torch.Generator | None = None,
         return_dict: bool | None = None,
+        gumbel_noise_scale: float | None = None,
     ) -> AutoMAEMaskGeneratorOutput:
         """Samples this step's mask (§2).
 
@@ -686,11 +687,12 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             teacher_attention: `[B, heads, h, w]` precomputed (e.g. cached) teacher maps.
             noise: `[B, L]` U(0, 1) MAE noise (lowest kept); drawn when `None`.
             gumbel_noise: `[B, L]` Gumbel(0, 1) noise of the sample; drawn when `None`.
-            mask_ratio, mask_factor, gumbel_tau: override the config for this call.
+            mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale: override the config for this call.
         """
         mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         mask_factor = self.config.mask_factor if mask_factor is None else mask_factor
         gumbel_tau = self.config.gumbel_tau if gumbel_tau is None else gumbel_tau
+        noise_scale = self.config.gumbel_noise_scale if gumbel_noise_scale is None else gumbel_noise_scale
         if teacher_attention is None:
             if pixel_values is None:
                 raise ValueError("AutoMAEMaskGenerator needs pixel_values or teacher_attention")
@@ -699,7 +701,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         mask_logits = self.score_head(teacher_attention)
         batch, num_patches = mask_logits.shape
         num_visible = num_visible_patches(num_patches, mask_ratio)
-        mask_probs = gumbel_softmax_sample(mask_logits, gumbel_tau, gumbel_noise, generator)
+        mask_probs = gumbel_softmax_sample(mask_logits, gumbel_tau, gumbel_noise, generator, noise_scale)
         topk = straight_through_topk(mask_probs, num_visible)  # the K most likely patches: masked for sure
         if noise is None:
             noise = torch.rand(batch, num_patches, device=mask_logits.device, generator=generator)
@@ -899,6 +901,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 mask_factor=self.config.mask_factor,
                 gumbel_tau=self.config.gumbel_tau,
                 generator=generator,
+                gumbel_noise_scale=self.config.gumbel_noise_scale,
             )
         encoded = self.vit(
             pixel_values,
@@ -958,7 +961,9 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 teacher_attention = self.mask_generator.teacher_attention(pixel_values)
             score_head = self.mask_generator.score_head
             mask_logits = score_head(teacher_attention.to(score_head[0].weight.dtype))
-            fake = gumbel_softmax_sample(mask_logits, self.config.gumbel_tau, gumbel_noise, generator)
+            fake = gumbel_softmax_sample(
+                mask_logits, self.config.gumbel_tau, gumbel_noise, generator, self.config.gumbel_noise_scale
+            )
             real = sample_box_prior(
                 fake.shape[0], self.config.grid_size, self.config.box_prior_alpha, generator, fake.device
             )

@@ -10,12 +10,21 @@ Arms (each through `training/pretrain.py`, tiny ViT 128x4 on 28x28 grayscale, pa
 and two references every learned arm must be read against: raw pixels and a randomly initialised encoder.
 
 Scores: frozen-feature kNN (k=20) and linear probe on the held-out test images, with all training labels and with
-10 per class (3 draws), mean +- std over seeds, and each arm's difference to MAE N. Foreground focus: the share of
-masked patches on the garment (a patch is garment when at least half its pixels are non-zero) against the
-garment's share of the grid (what random masking gives); for AutoMAE also its learned top-K and its teacher's top-K.
+10 per class (3 draws), and whole-encoder finetuning on 10 labels per class (`training/finetune.py`, HF Trainer,
+40 epochs, fixed schedule, no model selection on the test split); mean +- std over seeds, and each arm's difference
+to MAE N, starred where it exceeds both arms' seed std. Foreground focus: the share of masked patches on the
+garment (a patch is garment when at least half its pixels are non-zero) against the garment's share of the grid
+(what random masking gives); for learned masks also the learned top-K and the teacher's attention top-K.
+
+`--ablation` (issue 5, item 3) runs the knobs one at a time away from the reference AutoMAE instead: gumbel_tau
+(0.5, 0.3), box_prior_alpha (2, 3), adversarial_weight (0, 0.05, 1), mask_factor (0.25, 1), the teacher (MAE 2N
+instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's knobs, gumbel_noise_scale (0.1, 0:
+how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
+`probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
 
     python benchmarks/quality.py --quick            # 1 seed, 30 steps: a smoke test (~5 min)
-    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (~45 min, 2 cores)
+    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores)
+    python benchmarks/quality.py --ablation         # the knob ablation on the same data, seeds and budget
     python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
 """
 
@@ -56,6 +65,9 @@ ABLATION = {
     "beta 0.25": (",mask_factor=0.25", "MAE_N"),
     "beta 1": (",mask_factor=1.0", "MAE_N"),
     "teacher MAE 2N": ("", "MAE_2N"),
+    # Not a reference knob: the Gumbel noise against the scores (gumbel_tau cannot change the hard top-K).
+    "noise 0.1": (",gumbel_noise_scale=0.1", "MAE_N"),
+    "noise 0": (",gumbel_noise_scale=0.0", "MAE_N"),
 }
 ABLATION_ARMS = ("MAE N", "AutoMAE", *ABLATION, "AutoMAE (self)")
 TEACHER_OF = {"attention": "MAE N", "AutoMAE": "MAE N", "teacher MAE 2N": "MAE 2N",
@@ -214,6 +226,30 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
     return result
 
 
+@torch.no_grad()
+def score_statistics(model_dir: Path, images: torch.Tensor, mean: float, std: float) -> dict:
+    """How much the learned scores alone decide the mask: the spread (std over patches) of the score head's
+    log-probabilities, against the Gumbel noise's std of pi / sqrt(6) = 1.28 that is added before the top-K, and
+    the garment share of the noise-free top-K (what the scores would mask without sampling)."""
+    from automae_hf import AutoMAEForPreTraining
+    from automae_hf.configuration_automae import num_visible_patches
+
+    model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
+    if model.config.masking != "learned":
+        return {}
+    pixel_values = (images - mean) / std
+    if _self_taught(model_dir):
+        from automae_hf.teacher import teacher_cls_attention
+
+        attention = teacher_cls_attention(model.vit, pixel_values)
+    else:
+        attention = model.mask_generator.teacher_attention(pixel_values)
+    logits = model.mask_generator.score_head(attention)
+    top = logits.topk(num_visible_patches(logits.shape[1], model.config.mask_ratio), dim=1).indices
+    return {"logit std": logits.std(dim=1).mean().item(),
+            "score top-K": garment_patches(images).gather(1, top).float().mean().item()}
+
+
 def _self_taught(model_dir: Path) -> bool:
     summary = model_dir / "train_summary.json"
     return summary.exists() and json.loads(summary.read_text()).get("teacher") == "self"
@@ -246,7 +282,7 @@ def build_classification_dataset(arrays: dict, target: Path) -> Path:
     return target
 
 
-def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10) -> float:
+def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10, threads: int | None = None) -> float:
     """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection on
     the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}`."""
     output = model_dir / f"finetune{per_class}_seed{seed}"
@@ -257,11 +293,58 @@ def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 1
                    "--num_train_epochs", "40", "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
                    "--layer_decay", "0.75", "--no_augmentation", "--eval_strategy", "no", "--seed", str(seed),
                    "--dataloader_num_workers", "0", "--logging_steps", "50"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            environment["OMP_NUM_THREADS"] = str(threads)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
         for leftover in output.glob("*.safetensors"):  # only the number is needed; keep the folder small
             leftover.unlink()
     return float(json.loads(results.read_text())["eval_accuracy"])
+
+
+def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
+    """MAE N's architecture with fresh weights (the "random init" reference), saved like any other encoder."""
+    if (target / "model.safetensors").exists():
+        return
+    from transformers import AutoImageProcessor
+
+    from automae_hf import AutoMAEConfig, AutoMAEModel
+
+    torch.manual_seed(seed)
+    AutoMAEModel(AutoMAEConfig.from_pretrained(mae_dir)).save_pretrained(target)
+    AutoImageProcessor.from_pretrained(mae_dir).save_pretrained(target)
+
+
+def add_score_statistics(result: dict, model_dir: Path, test_x, mean: float, std: float) -> None:
+    statistics_ = score_statistics(model_dir, test_x[:1000], mean, std)
+    if statistics_:
+        result["logit std"] = statistics_["logit std"]
+        result["focus"]["score top-K"] = statistics_["score top-K"]
+
+
+def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, mean: float, std: float) -> dict:
+    """kNN and linear probes (all labels; 10 per class, 3 draws) and foreground focus of one encoder, cached in
+    `model_dir/probes_seed{seed}.json`; `model_dir=None`: raw pixels."""
+    cache = model_dir / f"probes_seed{seed}.json" if model_dir is not None else None
+    if cache is not None and cache.exists():
+        result = json.loads(cache.read_text())
+        if "focus" in result and "learned top-K" in result["focus"] and "logit std" not in result:
+            add_score_statistics(result, model_dir, test_x, mean, std)  # caches written before it existed
+            cache.write_text(json.dumps(result))
+        return result
+    if model_dir is None:
+        train_f, test_f = train_x.flatten(1), test_x.flatten(1)
+    else:
+        train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
+    full = evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30)
+    few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
+    result = {"knn": full["knn"], "linear": full["linear"], "knn@10": few["knn"], "linear@10": few["linear"]}
+    if model_dir is not None and (model_dir / "train_summary.json").exists():  # pretrained (not random init)
+        result["focus"] = foreground_focus(model_dir, test_x[:1000], mean, std, seed)
+        add_score_statistics(result, model_dir, test_x, mean, std)
+    if cache is not None:
+        cache.write_text(json.dumps(result))
+    return result
 
 
 def main(argv=None) -> None:
@@ -272,13 +355,17 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms to run (default: all)")
     parser.add_argument("--steps", type=int, default=300, help="N, the steps of the 1x arms")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="pretraining runs side by side (1 thread each); pretrain seconds then are not comparable")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="pretraining and finetuning runs side by side (1 thread each when > 1)")
+    parser.add_argument("--no_finetune", dest="finetune", action="store_false",
+                        help="skip few-shot finetuning (default: on, except with --ablation)")
     parser.add_argument("--data", choices=["subset", "debian"], default="subset")
     parser.add_argument("--output_dir", default="outputs/quality")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 30, 1
+    if args.ablation:
+        args.finetune = False
     arms = list(ABLATION_ARMS if args.ablation else ARMS)
     if args.arms:
         chosen = [arm.strip() for arm in args.arms.split(",")]
@@ -302,53 +389,53 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers)
+    metric_names = ("kNN", "linear", "kNN@10", "linear@10") + (("finetune@10",) if args.finetune else ())
+    encoders = {seed: {"raw pixels": None, "random init": output_dir / f"seed{seed}" / "random_init",
+                       **{arm: output_dir / f"seed{seed}" / arm_folder(arm) for arm in arms}}
+                for seed in range(args.seeds)}
+    for seed in range(args.seeds):
+        save_random_encoder(encoders[seed]["random init"], output_dir / f"seed{seed}" / "MAE_N", seed)
+    finetuned = {}
+    if args.finetune:  # every (seed, encoder) side by side first: tiny jobs, dominated by start-up
+        print(f"few-shot finetuning {args.seeds} x {len(encoders[0]) - 1} encoders", flush=True)
+        jobs = [(seed, name, path) for seed in range(args.seeds) for name, path in encoders[seed].items() if path]
+        threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            accuracies = pool.map(lambda job: finetune_few_shot(job[2], labelled, job[0], threads=threads), jobs)
+            finetuned = {(seed, name): accuracy for (seed, name, _), accuracy in zip(jobs, accuracies)}
     scores: dict[str, dict[str, list[float]]] = {}
     focus: dict[str, dict[str, list[float]]] = {}
-    metric_names = ("kNN", "linear", "kNN@10", "linear@10", "finetune@10")
+    logit_spread: dict[str, list[float]] = {}
     for seed in range(args.seeds):
-        mae_dir = output_dir / f"seed{seed}" / "MAE_N"
-        runs = {arm: output_dir / f"seed{seed}" / arm_folder(arm) for arm in arms}
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(mae_dir)
+        processor = AutoImageProcessor.from_pretrained(output_dir / f"seed{seed}" / "MAE_N")
         mean, std = float(processor.image_mean[0]), float(processor.image_std[0])
-        encoders = {"raw pixels": None, "random init": output_dir / f"seed{seed}" / "random_init", **runs}
-        if args.ablation:
-            encoders.pop("raw pixels"), encoders.pop("random init")
-        print(f"seed {seed}: evaluating {len(encoders)} encoders", flush=True)
-        for name, model_dir in encoders.items():
-            if name == "random init":
-                from automae_hf import AutoMAEConfig, AutoMAEModel
-
-                torch.manual_seed(seed)
-                encoder = AutoMAEModel(AutoMAEConfig.from_pretrained(mae_dir))  # MAE N's architecture, fresh weights
-                encoder.save_pretrained(model_dir), processor.save_pretrained(model_dir)
-                train_f, test_f = (extract_features(encoder, (x - mean) / std) for x in (train_x, test_x))
-            elif model_dir is None:
-                train_f, test_f = train_x.flatten(1), test_x.flatten(1)
-            else:
-                train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
-            full = evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30)
-            few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
-            values = [full["knn"], full["linear"], few["knn"], few["linear"]]
-            values.append(finetune_few_shot(model_dir, labelled, seed) if model_dir is not None else None)
+        print(f"seed {seed}: probing {len(encoders[seed])} encoders", flush=True)
+        for name, model_dir in encoders[seed].items():
+            probes = probe(model_dir, seed, train_x, train_y, test_x, test_y, mean, std)
+            values = [probes[key] for key in ("knn", "linear", "knn@10", "linear@10")]
+            values.append(finetuned.get((seed, name)))
             for metric, value in zip(metric_names, values):
                 if value is not None:
                     scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
-            if name not in ("raw pixels", "random init"):
-                for key, value in foreground_focus(model_dir, test_x[:1000], mean, std, seed).items():
-                    focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
+            for key, value in probes.get("focus", {}).items():
+                focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
+            if "logit std" in probes:
+                logit_spread.setdefault(name, []).append(probes["logit std"])
         (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
-    report = make_report(args, scores, focus, seconds, len(train_x), len(test_x), metric_names,
+    report = make_report(args, scores, focus, logit_spread, seconds, len(train_x), len(test_x), metric_names,
                          time.perf_counter() - start)
     name = "ablation" if args.ablation else "report"
     (output_dir / f"{name}.md").write_text(report + "\n")
-    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "seconds": seconds}, indent=1))
+    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "logit std": logit_spread, "seconds": seconds}, indent=1))
     print(report)
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def make_report(args, scores, focus, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
+def make_report(args, scores, focus, logit_spread, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
     lines = [f"Fashion-MNIST ({args.data}: {num_train} train / {num_test} test), N = {args.steps} steps of 128, "
              f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
              f"(* where it exceeds both arms' seed std)", ""]
@@ -363,7 +450,7 @@ def make_report(args, scores, focus, seconds, num_train, num_test, metric_names,
                 continue
             mean_value, std_value = summarise(by_metric[metric])
             delta = mean_value - baseline[metric][0]
-            beyond = "*" if abs(delta) > max(std_value, baseline[metric][1]) else ""
+            beyond = "*" if args.seeds > 1 and abs(delta) > max(std_value, baseline[metric][1]) else ""
             tail = "" if name in ("raw pixels", "random init", "MAE N") else f" ({delta:+.1f}{beyond})"
             cells.append(f"{mean_value:.1f} +- {std_value:.1f}{tail}")
         garment, top = focus.get(name, {}).get("masked"), focus.get(name, {}).get("learned top-K")
@@ -376,7 +463,9 @@ def make_report(args, scores, focus, seconds, num_train, num_test, metric_names,
     for name, by_key in focus.items():
         if "teacher top" in by_key:
             parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in by_key.items() if key != "grid"]
-            lines.append(f"{name}: on garment: " + ", ".join(parts))
+            spread = (f"; score log-prob std over patches {summarise(logit_spread[name])[0]:.2f} (Gumbel noise: 1.28)"
+                      if name in logit_spread else "")
+            lines.append(f"{name}: on garment: " + ", ".join(parts) + spread)
     lines.append(f"\nTotal wall time {wall_seconds:.0f} s ({args.workers} pretraining worker(s)); torch "
                  f"{torch.__version__}, {torch.get_num_threads()} threads.")
     return "\n".join(lines)

@@ -247,6 +247,37 @@ def test_injected_randomness_makes_steps_reproducible():
     assert torch.equal(a.mask, b.mask) and torch.equal(a.mask_probs, b.mask_probs)
 
 
+def test_gumbel_tau_changes_the_relaxation_not_the_sampled_mask():
+    # top-K of softmax((log p + g) / tau) is top-K of (log p + g) for every tau: tau sharpens what D sees and the
+    # straight-through gradient, never which patches are masked (why the tau ablation moves so little).
+    model = tiny_model(32).eval()
+    pixel_values = images(2, 32)
+    noise, gumbel = torch.rand(2, 64), -torch.log(-torch.log(torch.rand(2, 64)))
+    outputs = {}
+    for tau in (1.0, 0.3):
+        model.config.gumbel_tau = tau
+        outputs[tau] = model(pixel_values, noise=noise, gumbel_noise=gumbel)
+    assert torch.equal(outputs[1.0].mask, outputs[0.3].mask)
+    assert outputs[0.3].mask_probs.max() > outputs[1.0].mask_probs.max()  # sharper relaxation
+
+
+@pytest.mark.parametrize("grid", ["7x7", "14x14"])
+def test_gumbel_noise_scale_zero_masks_the_scores_top_k(grid):
+    size = GRIDS[grid]
+    model = tiny_model(size, gumbel_noise_scale=0.0).eval()
+    pixel_values = images(3, size)
+    attention = model.mask_generator.teacher_attention(pixel_values)
+    logits = model.mask_generator.score_head(attention)
+    num_visible = logits.shape[1] - int(model(pixel_values, teacher_attention=attention).mask[0].sum())
+    for seed in range(3):  # whatever the noise: the K best-scored patches are the top-K, and masked
+        output = model(pixel_values, teacher_attention=attention, generator=torch.Generator().manual_seed(seed))
+        top = logits.topk(num_visible, dim=1).indices
+        assert torch.equal(output.mask_probs.topk(num_visible, dim=1).indices.sort(1).values, top.sort(1).values)
+        assert output.mask.gather(1, top).bool().all()
+    with pytest.raises(ValueError, match="gumbel_noise_scale"):
+        AutoMAEConfig(**tiny_kwargs(size, gumbel_noise_scale=-1.0))
+
+
 def test_teacher_is_frozen_and_stays_in_eval_mode():
     model = tiny_model(32, hidden_dropout_prob=0.5).train()
     assert not model.mask_generator.teacher.training

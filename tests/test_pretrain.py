@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from automae_hf import AUTOMAE_PRESETS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training" / "pretrain.py"
 TINY = (
@@ -224,3 +226,20 @@ def test_cached_teacher_attention_mode(data_dir, tmp_path):
     refused = run(common(data_dir / "clean", tmp_path / "self", 2, "--teacher_name_or_path", "self",
                          "--cache_teacher_attention"), check=False, timeout=120)
     assert refused.returncode != 0 and "--cache_teacher_attention" in refused.stderr
+
+
+@pytest.mark.parametrize("name", ["reference", *sorted(set(AUTOMAE_PRESETS) - {"reference"})])
+def test_preset_sets_the_knobs_and_explicit_settings_win(name):
+    sys.path.insert(0, str(REPO_ROOT / "training"))
+    import pretrain
+
+    parser = pretrain.build_parser()
+    args = parser.parse_args(["--output_dir", "unused", "--preset", name, "--teacher_name_or_path", "self",
+                              "--config_overrides", TINY + ",gumbel_tau=0.7", "--adversarial_weight", "0.3",
+                              "--image_size", "32"])
+    model, mode = pretrain.build_model(args, parser)
+    expected = {**AUTOMAE_PRESETS[name], "gumbel_tau": 0.7, "adversarial_weight": 0.3}
+    assert {key: getattr(model.config, key) for key in expected} == expected and mode == "self"
+    assert model.mask_generator.config.gumbel_noise_scale == expected.get("gumbel_noise_scale", 1.0)
+    with pytest.raises(SystemExit):
+        pretrain.build_model(parser.parse_args(["--output_dir", "unused", "--preset", "nonexistent"]), parser)

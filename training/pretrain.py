@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model_name_or_path", default=None,
                    help="Start from this checkpoint (AutoMAE or ViTMAE folder / Hub id); random init when unset.")
     m.add_argument("--config_name", default=None, help="Config (folder / Hub id) for a model trained from scratch.")
+    m.add_argument("--preset", default=None,
+                   help="Named setting of AutoMAE's mask-learning knobs (automae_hf.AUTOMAE_PRESETS: "
+                        f"{', '.join(preset_names())}); --config_overrides and explicit flags apply on top.")
     m.add_argument("--config_overrides", default=None,
                    help='Comma-separated config overrides, e.g. "hidden_size=64,num_hidden_layers=2".')
     m.add_argument("--image_processor_name", default=None, help="Image processor (mean/std); default: the model's or MAE's.")
@@ -463,10 +466,22 @@ def load_images(args, parser, with_boxes: bool = False):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    from automae_hf.configuration_automae import AUTOMAE_PRESETS
+
+    return sorted(AUTOMAE_PRESETS)
+
+
 def build_model(args, parser):
     from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
+    from automae_hf.configuration_automae import AUTOMAE_PRESETS
 
-    overrides = parse_overrides(args.config_overrides, parser)
+    overrides = {}
+    if args.preset is not None:
+        if args.preset not in AUTOMAE_PRESETS:
+            parser.error(f"--preset {args.preset!r}: expected one of {preset_names()}")
+        overrides.update(AUTOMAE_PRESETS[args.preset])
+    overrides.update(parse_overrides(args.config_overrides, parser))
     for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size", "attention_hint_ratio"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
