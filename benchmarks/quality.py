@@ -227,12 +227,11 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
 
 
 @torch.no_grad()
-def score_statistics(model_dir: Path, images: torch.Tensor, mean: float, std: float) -> dict:
-    """How much the learned scores alone decide the mask: the spread (std over patches) of the score head's
-    log-probabilities, against the Gumbel noise's std of pi / sqrt(6) = 1.28 that is added before the top-K, and
-    the garment share of the noise-free top-K (what the scores would mask without sampling)."""
+def score_statistics(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int = 0) -> dict:
+    """How much the learned scores alone decide the mask: the share of the sampled (Gumbel-noised) top-K that is also
+    in the noise-free top-K of the scores (chance: K / L), and the garment share of that noise-free top-K (what the
+    scores would mask without sampling)."""
     from automae_hf import AutoMAEForPreTraining
-    from automae_hf.configuration_automae import num_visible_patches
 
     model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
     if model.config.masking != "learned":
@@ -244,10 +243,13 @@ def score_statistics(model_dir: Path, images: torch.Tensor, mean: float, std: fl
         attention = teacher_cls_attention(model.vit, pixel_values)
     else:
         attention = model.mask_generator.teacher_attention(pixel_values)
-    logits = model.mask_generator.score_head(attention)
-    top = logits.topk(num_visible_patches(logits.shape[1], model.config.mask_ratio), dim=1).indices
-    return {"logit std": logits.std(dim=1).mean().item(),
-            "score top-K": garment_patches(images).gather(1, top).float().mean().item()}
+    sampled = model.mask_generator(teacher_attention=attention, generator=torch.Generator().manual_seed(seed))
+    num_top = int(sampled.mask.shape[1] - sampled.mask[0].sum())
+    clean = sampled.mask_logits.topk(num_top, dim=1).indices
+    noisy = sampled.mask_probs.topk(num_top, dim=1).indices
+    return {"top-K agreement": (noisy.unsqueeze(2) == clean.unsqueeze(1)).any(2).float().mean().item(),
+            "chance": num_top / sampled.mask.shape[1],
+            "score top-K": garment_patches(images).gather(1, clean).float().mean().item()}
 
 
 def _self_taught(model_dir: Path) -> bool:
@@ -318,8 +320,9 @@ def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
 def add_score_statistics(result: dict, model_dir: Path, test_x, mean: float, std: float) -> None:
     statistics_ = score_statistics(model_dir, test_x[:1000], mean, std)
     if statistics_:
-        result["logit std"] = statistics_["logit std"]
+        result["top-K agreement"], result["chance"] = statistics_["top-K agreement"], statistics_["chance"]
         result["focus"]["score top-K"] = statistics_["score top-K"]
+        result.pop("logit std", None)
 
 
 def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, mean: float, std: float) -> dict:
@@ -328,7 +331,7 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
     cache = model_dir / f"probes_seed{seed}.json" if model_dir is not None else None
     if cache is not None and cache.exists():
         result = json.loads(cache.read_text())
-        if "focus" in result and "learned top-K" in result["focus"] and "logit std" not in result:
+        if "focus" in result and "learned top-K" in result["focus"] and "top-K agreement" not in result:
             add_score_statistics(result, model_dir, test_x, mean, std)  # caches written before it existed
             cache.write_text(json.dumps(result))
         return result
@@ -407,7 +410,8 @@ def main(argv=None) -> None:
             finetuned = {(seed, name): accuracy for (seed, name, _), accuracy in zip(jobs, accuracies)}
     scores: dict[str, dict[str, list[float]]] = {}
     focus: dict[str, dict[str, list[float]]] = {}
-    logit_spread: dict[str, list[float]] = {}
+    agreement: dict[str, list[float]] = {}
+    chance = None
     for seed in range(args.seeds):
         from transformers import AutoImageProcessor
 
@@ -423,24 +427,26 @@ def main(argv=None) -> None:
                     scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
             for key, value in probes.get("focus", {}).items():
                 focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
-            if "logit std" in probes:
-                logit_spread.setdefault(name, []).append(probes["logit std"])
+            if "top-K agreement" in probes:
+                agreement.setdefault(name, []).append(100 * probes["top-K agreement"])
+                chance = 100 * probes["chance"]
         (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
-    report = make_report(args, scores, focus, logit_spread, seconds, len(train_x), len(test_x), metric_names,
+    report = make_report(args, scores, focus, agreement, chance, seconds, len(train_x), len(test_x), metric_names,
                          time.perf_counter() - start)
     name = "ablation" if args.ablation else "report"
     (output_dir / f"{name}.md").write_text(report + "\n")
-    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "logit std": logit_spread, "seconds": seconds}, indent=1))
+    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "top-K agreement": agreement, "seconds": seconds}, indent=1))
     print(report)
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def make_report(args, scores, focus, logit_spread, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
+def make_report(args, scores, focus, agreement, chance, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
     lines = [f"Fashion-MNIST ({args.data}: {num_train} train / {num_test} test), N = {args.steps} steps of 128, "
              f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
              f"(* where it exceeds both arms' seed std)", ""]
-    header = "| encoder | " + " | ".join(metric_names) + " | masked on garment % | learned top-K on garment % | pretrain s |"
-    lines += [header, "|" + "---|" * (len(metric_names) + 4)]
+    header = ("| encoder | " + " | ".join(metric_names) + " | masked on garment % | learned top-K on garment % | "
+              "sampled top-K = scores' top-K % | pretrain s |")
+    lines += [header, "|" + "---|" * (len(metric_names) + 5)]
     baseline = {m: summarise(scores["MAE N"][m]) for m in metric_names}
     for name, by_metric in scores.items():
         cells = []
@@ -457,15 +463,19 @@ def make_report(args, scores, focus, logit_spread, seconds, num_train, num_test,
         time_cell = f"{statistics.mean(seconds[name]):.0f}" if name in seconds else "-"
         garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
         top_cell = f"{summarise(top)[0]:.1f}" if top else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {time_cell} |")
+        agreement_cell = f"{summarise(agreement[name])[0]:.0f}" if name in agreement else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {agreement_cell} | {time_cell} |")
     grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
     lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
+    if chance is not None:
+        lines.append(f"Sampled top-K = scores' top-K: share of the Gumbel-sampled top-K that is also in the scores' "
+                     f"noise-free top-K (chance {chance:.0f}%; 100 = the scores alone decide).")
     for name, by_key in focus.items():
         if "teacher top" in by_key:
             parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in by_key.items() if key != "grid"]
-            spread = (f"; score log-prob std over patches {summarise(logit_spread[name])[0]:.2f} (Gumbel noise: 1.28)"
-                      if name in logit_spread else "")
-            lines.append(f"{name}: on garment: " + ", ".join(parts) + spread)
+            decided = (f"; sampled top-K agreeing with the scores' own top-K {summarise(agreement[name])[0]:.0f}% "
+                       f"(chance {chance:.0f}%)" if name in agreement else "")
+            lines.append(f"{name}: on garment: " + ", ".join(parts) + decided)
     lines.append(f"\nTotal wall time {wall_seconds:.0f} s ({args.workers} pretraining worker(s)); torch "
                  f"{torch.__version__}, {torch.get_num_threads()} threads.")
     return "\n".join(lines)
