@@ -22,8 +22,10 @@ instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's 
 how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
 `probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
 
-    python benchmarks/quality.py --quick            # 1 seed, 30 steps: a smoke test (~5 min)
-    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores)
+    python benchmarks/quality.py --quick            # 1 seed, 30 steps: a smoke test (~6 min)
+    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores:
+                                                    # ~50 min of pretraining run one at a time, ~5 min of probes,
+                                                    # ~12 min of few-shot finetuning; --no_finetune skips the last)
     python benchmarks/quality.py --ablation         # the knob ablation on the same data, seeds and budget
     python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
 """
