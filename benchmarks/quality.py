@@ -22,7 +22,7 @@ instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's 
 how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
 `probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
 
-    python benchmarks/quality.py --quick            # 1 seed, 30 steps: a smoke test (~6 min)
+    python benchmarks/quality.py --quick            # 1 seed, 30 steps, probes on 2k images: a smoke test (~5 min)
     python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores:
                                                     # ~50 min of pretraining run one at a time, ~5 min of probes,
                                                     # ~12 min of few-shot finetuning; --no_finetune skips the last)
@@ -286,7 +286,8 @@ def build_classification_dataset(arrays: dict, target: Path) -> Path:
     return target
 
 
-def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10, threads: int | None = None) -> float:
+def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10, threads: int | None = None,
+                      epochs: int = 40) -> float:
     """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection on
     the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}`."""
     output = model_dir / f"finetune{per_class}_seed{seed}"
@@ -294,7 +295,7 @@ def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 1
     if not results.exists():
         command = [sys.executable, str(ROOT / "training" / "finetune.py"), "--model_name_or_path", str(model_dir),
                    "--dataset_name", str(data), "--output_dir", str(output), "--train_samples_per_class", str(per_class),
-                   "--num_train_epochs", "40", "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
+                   "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
                    "--layer_decay", "0.75", "--no_augmentation", "--eval_strategy", "no", "--seed", str(seed),
                    "--dataloader_num_workers", "0", "--logging_steps", "50"]
         environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -354,7 +355,8 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 30 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 seed, 30 steps, probes on 2,000 training images, 10 finetuning epochs")
     parser.add_argument("--ablation", action="store_true",
                         help="issue 5 item 3: the knob ablation (tau, alpha, lambda, beta, teacher) instead of the arms")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms to run (default: all)")
@@ -391,6 +393,9 @@ def main(argv=None) -> None:
     train_x = torch.tensor(arrays["train_images"]).float().unsqueeze(1) / 255.0
     test_x = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255.0
     train_y, test_y = torch.tensor(arrays["train_labels"]).long(), torch.tensor(arrays["test_labels"]).long()
+    if args.quick:  # a smoke test: probes on 2,000 training images, short finetuning
+        train_x, train_y = train_x[:2000], train_y[:2000]
+    finetune_epochs = 10 if args.quick else 40
 
     start = time.perf_counter()
     seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers)
@@ -408,7 +413,8 @@ def main(argv=None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(args.workers) as pool:
-            accuracies = pool.map(lambda job: finetune_few_shot(job[2], labelled, job[0], threads=threads), jobs)
+            accuracies = pool.map(lambda job: finetune_few_shot(job[2], labelled, job[0], threads=threads,
+                                                                     epochs=finetune_epochs), jobs)
             finetuned = {(seed, name): accuracy for (seed, name, _), accuracy in zip(jobs, accuracies)}
     scores: dict[str, dict[str, list[float]]] = {}
     focus: dict[str, dict[str, list[float]]] = {}
