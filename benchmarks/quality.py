@@ -124,6 +124,19 @@ def build_dataset(arrays: dict, target: Path) -> Path:
 
 
 # ---- pretraining arms -------------------------------------------------------------------------------------------
+def run_quietly(command: list[str], threads: int | None, hide_stderr: bool) -> None:
+    """A training subprocess, stdout hidden, capped at `threads` torch threads when several run side by side."""
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL if hide_stderr else None, env=environment)
+
+
+def threads_per_worker(workers: int) -> int | None:
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
 def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str], overrides: str = "",
              threads: int | None = None) -> float:
     if (output_dir / "model.safetensors").exists():  # finished earlier: reuse (a killed benchmark resumes)
@@ -133,11 +146,8 @@ def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[st
                "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
                "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
                "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
-    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if threads:
-        environment["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
+    run_quietly(command, threads, hide_stderr=False)
     seconds = time.perf_counter() - start
     (output_dir / "seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}))
     return seconds
@@ -170,7 +180,7 @@ def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, see
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    threads = threads_per_worker(workers)
     seconds: dict[str, dict[int, float]] = {}
 
     def run(job):
@@ -196,7 +206,9 @@ def garment_patches(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
 
 @torch.no_grad()
 def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int) -> dict:
-    """Share of masked patches on the garment; for learned masks also the learned top-K and the teacher's top-K."""
+    """Share of masked patches on the garment; for learned masks also the learned top-K and the teacher's top-K, and
+    how much the scores alone decide the mask: "score top-K", the garment share of the scores' noise-free top-K, and
+    "top-K agreement", the share of the sampled (Gumbel-noised) top-K that is also in it (chance: K / L)."""
     from automae_hf import AutoMAEForPreTraining
 
     model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
@@ -225,33 +237,11 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
         num_visible = output.mask.shape[1] - int(masked[0].sum())
         learned_top = output.mask_probs.topk(num_visible, dim=1).indices
         result["learned top-K"] = on_garment.gather(1, learned_top).float().mean().item()
+        score_top = model.mask_generator.score_head(kwargs["teacher_attention"]).topk(num_visible, dim=1).indices
+        result["score top-K"] = on_garment.gather(1, score_top).float().mean().item()
+        result["top-K agreement"] = (learned_top.unsqueeze(2) == score_top.unsqueeze(1)).any(2).float().mean().item()
+        result["chance"] = num_visible / output.mask.shape[1]
     return result
-
-
-@torch.no_grad()
-def score_statistics(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int = 0) -> dict:
-    """How much the learned scores alone decide the mask: the share of the sampled (Gumbel-noised) top-K that is also
-    in the noise-free top-K of the scores (chance: K / L), and the garment share of that noise-free top-K (what the
-    scores would mask without sampling)."""
-    from automae_hf import AutoMAEForPreTraining
-
-    model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
-    if model.config.masking != "learned":
-        return {}
-    pixel_values = (images - mean) / std
-    if _self_taught(model_dir):
-        from automae_hf.teacher import teacher_cls_attention
-
-        attention = teacher_cls_attention(model.vit, pixel_values)
-    else:
-        attention = model.mask_generator.teacher_attention(pixel_values)
-    sampled = model.mask_generator(teacher_attention=attention, generator=torch.Generator().manual_seed(seed))
-    num_top = int(sampled.mask.shape[1] - sampled.mask[0].sum())
-    clean = sampled.mask_logits.topk(num_top, dim=1).indices
-    noisy = sampled.mask_probs.topk(num_top, dim=1).indices
-    return {"top-K agreement": (noisy.unsqueeze(2) == clean.unsqueeze(1)).any(2).float().mean().item(),
-            "chance": num_top / sampled.mask.shape[1],
-            "score top-K": garment_patches(images).gather(1, clean).float().mean().item()}
 
 
 def _self_taught(model_dir: Path) -> bool:
@@ -298,10 +288,7 @@ def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 1
                    "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
                    "--layer_decay", "0.75", "--no_augmentation", "--eval_strategy", "no", "--seed", str(seed),
                    "--dataloader_num_workers", "0", "--logging_steps", "50"]
-        environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        if threads:
-            environment["OMP_NUM_THREADS"] = str(threads)
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+        run_quietly(command, threads, hide_stderr=True)
         for leftover in output.glob("*.safetensors"):  # only the number is needed; keep the folder small
             leftover.unlink()
     return float(json.loads(results.read_text())["eval_accuracy"])
@@ -320,24 +307,12 @@ def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
     AutoImageProcessor.from_pretrained(mae_dir).save_pretrained(target)
 
 
-def add_score_statistics(result: dict, model_dir: Path, test_x, mean: float, std: float) -> None:
-    statistics_ = score_statistics(model_dir, test_x[:1000], mean, std)
-    if statistics_:
-        result["top-K agreement"], result["chance"] = statistics_["top-K agreement"], statistics_["chance"]
-        result["focus"]["score top-K"] = statistics_["score top-K"]
-        result.pop("logit std", None)
-
-
 def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, mean: float, std: float) -> dict:
     """kNN and linear probes (all labels; 10 per class, 3 draws) and foreground focus of one encoder, cached in
     `model_dir/probes_seed{seed}.json`; `model_dir=None`: raw pixels."""
     cache = model_dir / f"probes_seed{seed}.json" if model_dir is not None else None
     if cache is not None and cache.exists():
-        result = json.loads(cache.read_text())
-        if "focus" in result and "learned top-K" in result["focus"] and "top-K agreement" not in result:
-            add_score_statistics(result, model_dir, test_x, mean, std)  # caches written before it existed
-            cache.write_text(json.dumps(result))
-        return result
+        return json.loads(cache.read_text())
     if model_dir is None:
         train_f, test_f = train_x.flatten(1), test_x.flatten(1)
     else:
@@ -347,7 +322,9 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
     result = {"knn": full["knn"], "linear": full["linear"], "knn@10": few["knn"], "linear@10": few["linear"]}
     if model_dir is not None and (model_dir / "train_summary.json").exists():  # pretrained (not random init)
         result["focus"] = foreground_focus(model_dir, test_x[:1000], mean, std, seed)
-        add_score_statistics(result, model_dir, test_x, mean, std)
+        for key in ("top-K agreement", "chance"):  # not garment shares
+            if key in result["focus"]:
+                result[key] = result["focus"].pop(key)
     if cache is not None:
         cache.write_text(json.dumps(result))
     return result
@@ -409,7 +386,7 @@ def main(argv=None) -> None:
     if args.finetune:  # every (seed, encoder) side by side first: tiny jobs, dominated by start-up
         print(f"few-shot finetuning {args.seeds} x {len(encoders[0]) - 1} encoders", flush=True)
         jobs = [(seed, name, path) for seed in range(args.seeds) for name, path in encoders[seed].items() if path]
-        threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+        threads = threads_per_worker(args.workers)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(args.workers) as pool:
