@@ -6,13 +6,14 @@
 #
 # Figures go to $OUT (default outputs/gpu): one JSON per speed run plus summary.txt; quality writes
 # $OUT/quality/debian_N3000/report.md. Environment: DEVICE (cuda), SIZES, BATCHES, STEPS to scale the speed part
-# (`DEVICE=cpu SIZES=tiny BATCHES=8 STEPS=2 bash benchmarks/gpu.sh` is a quick CPU check of the script itself).
+# (`DEVICE=cpu SIZES=tiny BATCHES=8 STEPS=2 bash benchmarks/gpu.sh` is a quick CPU check of the script itself);
+# SETUP=0 skips `scripts/setup.sh` on a machine whose Python already has torch, transformers (and accelerate, datasets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
 DEVICE="${DEVICE:-cuda}"
 mkdir -p "$OUT"
-bash scripts/setup.sh training >/dev/null
+[[ "${SETUP:-1}" == "0" ]] || bash scripts/setup.sh training >/dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [[ "${1:-speed}" == "quality" ]]; then
