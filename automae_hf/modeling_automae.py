@@ -394,7 +394,7 @@ class AutoMAEDiscriminator(nn.Module):
     """D (§1): spectrally normalised, bias-free convs judging a `[B, L]` mask distribution on its patch grid.
 
     The reference's stack (k4 s2 p1, k4 s2 p1, k3 p0) only fits 14x14; an adaptive average pool to 3x3 before the
-    last conv keeps it for any grid from 4x4 up and is the identity at 14x14.
+    last conv keeps it for any grid from 4x4 up and is the identity at 14x14 (and 7x7).
     """
 
     def __init__(self, grid_size: tuple[int, int]):
@@ -405,7 +405,7 @@ class AutoMAEDiscriminator(nn.Module):
         spectral_norm = nn.utils.parametrizations.spectral_norm
         self.conv1 = spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
         self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1, bias=False))
-        self.pool = nn.AdaptiveAvgPool2d(3)
+        self._pool_matrices = {}  # (h, w, device, dtype) -> [h*w, 9]; built on first use, not a checkpoint tensor
         self.conv3 = spectral_norm(nn.Conv2d(32, 1, 3, bias=False))
 
     def forward(self, mask_probs: torch.Tensor, freeze_weights: bool = False) -> torch.Tensor:
@@ -419,9 +419,19 @@ class AutoMAEDiscriminator(nn.Module):
             weights = [conv.weight for conv in convs]
         hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
         hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
-        if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3: skip the (costly on CPU) identity pool
-            hidden = self.pool(hidden)
+        if hidden.shape[-2:] != (3, 3):  # 14x14 and 7x7 grids already arrive at 3x3
+            hidden = self.pool_to_3x3(hidden)
         return F.conv2d(hidden, weights[2]).flatten()
+
+    def pool_to_3x3(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`adaptive_avg_pool2d(hidden, 3)` as one `[h*w, 9]` matmul: the pool is a fixed linear map of the fixed
+        grid, and on CPU the matmul (forward and backward) costs a few percent of the pooling kernels."""
+        height, width = hidden.shape[-2:]
+        key = (height, width, hidden.device, hidden.dtype)
+        if key not in self._pool_matrices:
+            basis = torch.eye(height * width, device=hidden.device, dtype=hidden.dtype).view(-1, 1, height, width)
+            self._pool_matrices[key] = F.adaptive_avg_pool2d(basis, 3).flatten(1)
+        return (hidden.flatten(2) @ self._pool_matrices[key]).unflatten(-1, (3, 3))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -327,6 +327,19 @@ def test_discriminator_keeps_reference_stack_at_14x14():
         AutoMAEDiscriminator((3, 3))
 
 
+
+@pytest.mark.parametrize("shape", [(2, 2), (4, 4), (5, 5), (2, 4), (8, 7)])
+def test_discriminator_pool_equals_adaptive_average_pool(shape):
+    discriminator = AutoMAEDiscriminator((8, 8))
+    hidden = torch.randn(6, 32, *shape, requires_grad=True)
+    reference = torch.nn.functional.adaptive_avg_pool2d(hidden, 3)
+    pooled = discriminator.pool_to_3x3(hidden)
+    torch.testing.assert_close(pooled, reference)
+    weights = torch.randn_like(reference)
+    (grad,) = torch.autograd.grad((pooled * weights).sum(), hidden)
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), hidden)
+    torch.testing.assert_close(grad, reference_grad)
+
 # ---- plain-MAE baseline and teacher-free attention ---------------------------------------------------------------
 def test_random_masking_is_plain_vitmae_without_generator(tmp_path):
     kwargs = tiny_kwargs(32)
