@@ -22,10 +22,10 @@ instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's 
 how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
 `probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
 
-    python benchmarks/quality.py --quick            # 1 seed, 30 steps, probes on 2k images: a smoke test (~5 min)
-    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores:
-                                                    # ~50 min of pretraining run one at a time, ~5 min of probes,
-                                                    # ~12 min of few-shot finetuning; --no_finetune skips the last)
+    python benchmarks/quality.py --quick            # 1 seed, 20 steps, probes on 2k images: a smoke test (~4 min)
+    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores, 59 min:
+                                                    # 45 min of pretraining two at a time, 9 min of few-shot
+                                                    # finetuning, 5 min of probes; --no_finetune skips finetuning)
     python benchmarks/quality.py --ablation         # the knob ablation on the same data, seeds and budget
     python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
 """
@@ -333,7 +333,7 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 seed, 30 steps, probes on 2,000 training images, 10 finetuning epochs")
+                        help="smoke test: 1 seed, 20 steps, probes on 2,000 training images, 4 finetuning epochs")
     parser.add_argument("--ablation", action="store_true",
                         help="issue 5 item 3: the knob ablation (tau, alpha, lambda, beta, teacher) instead of the arms")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms to run (default: all)")
@@ -347,7 +347,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default="outputs/quality")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds = 30, 1
+        args.steps, args.seeds = 20, 1
     if args.ablation:
         args.finetune = False
     arms = list(ABLATION_ARMS if args.ablation else ARMS)
@@ -372,7 +372,7 @@ def main(argv=None) -> None:
     train_y, test_y = torch.tensor(arrays["train_labels"]).long(), torch.tensor(arrays["test_labels"]).long()
     if args.quick:  # a smoke test: probes on 2,000 training images, short finetuning
         train_x, train_y = train_x[:2000], train_y[:2000]
-    finetune_epochs = 10 if args.quick else 40
+    finetune_epochs = 4 if args.quick else 40
 
     start = time.perf_counter()
     seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers)
