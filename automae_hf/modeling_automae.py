@@ -394,7 +394,7 @@ class AutoMAEDiscriminator(nn.Module):
     """D (§1): spectrally normalised, bias-free convs judging a `[B, L]` mask distribution on its patch grid.
 
     The reference's stack (k4 s2 p1, k4 s2 p1, k3 p0) only fits 14x14; an adaptive average pool to 3x3 before the
-    last conv keeps it for any grid from 4x4 up and is the identity at 14x14 (and 7x7).
+    last conv keeps it for any grid from 4x4 up and is the identity at 14x14.
     """
 
     def __init__(self, grid_size: tuple[int, int]):
@@ -419,7 +419,7 @@ class AutoMAEDiscriminator(nn.Module):
             weights = [conv.weight for conv in convs]
         hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
         hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
-        if hidden.shape[-2:] != (3, 3):  # 14x14 and 7x7 grids already arrive at 3x3
+        if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3
             hidden = self.pool_to_3x3(hidden)
         return F.conv2d(hidden, weights[2]).flatten()
 
