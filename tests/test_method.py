@@ -327,7 +327,6 @@ def test_discriminator_keeps_reference_stack_at_14x14():
         AutoMAEDiscriminator((3, 3))
 
 
-
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 4), (5, 5), (2, 4), (8, 7)])  # 1x1: the 7x7 grid
 def test_discriminator_pool_equals_adaptive_average_pool(shape):
     discriminator = AutoMAEDiscriminator((8, 8))
@@ -339,6 +338,7 @@ def test_discriminator_pool_equals_adaptive_average_pool(shape):
     (grad,) = torch.autograd.grad((pooled * weights).sum(), hidden)
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), hidden)
     torch.testing.assert_close(grad, reference_grad)
+
 
 # ---- plain-MAE baseline and teacher-free attention ---------------------------------------------------------------
 def test_random_masking_is_plain_vitmae_without_generator(tmp_path):
