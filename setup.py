@@ -12,8 +12,8 @@ setup(
     packages=find_packages(include=["automae_hf", "automae_hf.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # Any torch >= 2.1 works; scripts/setup.sh installs 2.13.0 only where no torch is present.
-        "torch>=2.1",
+        # torch >= 2.4: fused AdamW on CPU and GPU. scripts/setup.sh installs 2.13.0 only where no torch is present.
+        "torch>=2.4",
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",

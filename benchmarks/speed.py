@@ -84,15 +84,16 @@ def build(args, which: tuple[str, ...]):
     if "automae" in which:
         automae = AutoMAEForPreTraining(AutoMAEConfig(**kwargs)).to(device).train()
         built["automae"] = automae
-        built["student_optimizer"] = torch.optim.AdamW(automae.student_parameters(), lr=1e-4, betas=(0.9, 0.95))
-        built["d_optimizer"] = torch.optim.Adam(automae.discriminator_parameters(), lr=1e-4)
+        built["student_optimizer"] = torch.optim.AdamW(automae.student_parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                                       fused=True)  # as training/pretrain.py (--optim)
+        built["d_optimizer"] = torch.optim.Adam(automae.discriminator_parameters(), lr=1e-4, fused=True)
         with torch.no_grad(), autocast_of(args)():
             built["cached"] = automae.mask_generator.teacher_attention(built["pixel_values"]).half()  # stored fp16
     if "mae" in which:
         mae = ViTMAEForPreTraining(ViTMAEConfig(**kwargs, attn_implementation="sdpa")).to(device).train()
         built["mae"] = mae
         built["mae_optimizer"] = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=1e-4,
-                                                   betas=(0.9, 0.95))
+                                                   betas=(0.9, 0.95), fused=True)
     if "inference" in which:
         built["encoder"] = AutoMAEModel(AutoMAEConfig(**kwargs)).to(device).eval()
         vit_fields = {k: v for k, v in kwargs.items() if not k.startswith("decoder_") and k != "norm_pix_loss"}

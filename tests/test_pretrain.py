@@ -243,3 +243,20 @@ def test_preset_sets_the_knobs_and_explicit_settings_win(name):
     assert model.mask_generator.config.gumbel_noise_scale == expected.get("gumbel_noise_scale", 1.0)
     with pytest.raises(SystemExit):
         pretrain.build_model(parser.parse_args(["--output_dir", "unused", "--preset", "nonexistent"]), parser)
+
+
+def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, tmp_path):
+    """--optim as TrainingArguments.optim: fused AdamW (student) and Adam (D) by default, the per-tensor kernels on
+    request; both compute the same update."""
+    weights = {}
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        out = tmp_path / optim
+        extra = ["--checkpointing_steps", 2] + ([] if optim == "adamw_torch_fused" else ["--optim", optim])
+        run(common(data_dir / "clean", out, 2, *extra))
+        for name in ("optimizer.bin", "optimizer_1.bin"):  # student, D
+            state = torch.load(out / "checkpoints" / "step_2" / name, weights_only=True)
+            assert all(bool(group["fused"]) == (optim == "adamw_torch_fused") for group in state["param_groups"])
+        weights[optim] = load_weights(out)
+    fused, per_tensor = weights.values()
+    worst = max((fused[k] - per_tensor[k]).abs().max().item() for k in fused)
+    assert worst <= 1e-4, worst

@@ -392,8 +392,9 @@ def main(argv=None):
         bf16=args.bf16,
         fp16=args.fp16,
     )
+    # layer-wise lr decay needs our own param groups; fused as the Trainer's default optimizer (adamw_torch_fused)
     optimizer = torch.optim.AdamW(param_groups_lrd(model, args.learning_rate, args.weight_decay, args.layer_decay),
-                                  lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+                                  lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=True)
     selecting = args.eval_strategy == "epoch" and args.early_stopping_patience > 0
     callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if selecting else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
