@@ -23,8 +23,8 @@ how much the Gumbel noise, rather than the learned scores, decides the top-K); p
 `probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
 
     python benchmarks/quality.py --quick            # 1 seed, 20 steps, probes on 2k images: a smoke test (~4 min)
-    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores, 59 min:
-                                                    # 45 min of pretraining two at a time, 9 min of few-shot
+    python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores, 48 min:
+                                                    # 33 min of pretraining two at a time, 9 min of few-shot
                                                     # finetuning, 5 min of probes; --no_finetune skips finetuning)
     python benchmarks/quality.py --ablation         # the knob ablation on the same data, seeds and budget
     python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
