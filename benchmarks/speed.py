@@ -227,6 +227,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    if args.inference_only and args.memory:
+        parser.error("--memory measures the training arms, which --inference_only leaves out: pass one of the two")
     if args._memory_arm:
         print(peak_memory_of_arm(args, args._memory_arm))
         return
@@ -248,7 +250,7 @@ def main(argv=None):
             "ratio AutoMAE cached / MAE": t["AutoMAE cached"] / t["MAE"],
             "ratio teacher / ViTModel inference": t["teacher"] / t["ViTModel inference"],
         })
-    if args.memory and not args.inference_only:
+    if args.memory:
         peaks = measure_memory(args)
         figures["peak MiB"] = peaks
         figures["memory ratio AutoMAE / MAE"] = peaks["AutoMAE"] / peaks["MAE"]

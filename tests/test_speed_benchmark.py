@@ -31,3 +31,9 @@ def test_speed_script_writes_its_figures(tmp_path, inference_only):
     assert figures["ratio inference AutoMAEModel / ViTModel"] > 0
     assert all((key in figures) != inference_only for key in TRAINING_RATIOS)
     assert "ratio inference AutoMAEModel / ViTModel" in result.stdout
+
+
+def test_memory_with_inference_only_is_refused():
+    command = [sys.executable, str(SCRIPT), "--inference_only", "--memory"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--memory measures the training arms" in result.stderr
