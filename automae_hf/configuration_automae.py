@@ -88,6 +88,7 @@ def validate_grid(image_size, patch_size, num_channels) -> tuple[int, int]:
     (height, width), (patch_h, patch_w) = _pair(image_size), _pair(patch_size)
     _check(min(height, width) > 0, "image_size", f"must be positive, got {image_size}")
     _check(min(patch_h, patch_w) > 0, "patch_size", f"must be positive, got {patch_size}")
+    _check(patch_h == patch_w, "patch_size", f"must be square (one int), got {patch_size}")
     _check(
         height % patch_h == 0 and width % patch_w == 0,
         "patch_size",
@@ -95,6 +96,13 @@ def validate_grid(image_size, patch_size, num_channels) -> tuple[int, int]:
     )
     _check(num_channels > 0, "num_channels", f"must be positive, got {num_channels}")
     return height // patch_h, width // patch_w
+
+
+def square_patch_size(patch_size) -> int:
+    """A square patch size as the int transformers' ViTMAE blocks read (`[p, p]` -> `p`)."""
+    patch_h, patch_w = _pair(patch_size)
+    _check(patch_h == patch_w, "patch_size", f"must be square (one int), got {patch_size}")
+    return int(patch_h)
 
 
 def validate_teacher_config(teacher_config: dict | None) -> None:
@@ -208,6 +216,9 @@ class AutoMAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if hasattr(self.teacher_config, "to_dict"):
             self.teacher_config = self.teacher_config.to_dict()
+        if isinstance(self.image_size, list):
+            self.image_size = tuple(self.image_size)
+        self.patch_size = square_patch_size(self.patch_size)
         _set_auto_map(self, AUTOMAE_AUTO_MAP)
         self.validate()
 
@@ -224,6 +235,10 @@ class AutoMAEConfig(PreTrainedConfig):
             _check(getattr(self, f"{prefix}num_hidden_layers") >= 0, f"{prefix}num_hidden_layers", "must be >= 0")
         validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
         validate_noise_scale(self.gumbel_noise_scale)
+        if self.masking == "learned":
+            _check(min(grid) >= 4, "image_size",
+                   f"/ patch_size give a {grid[0]}x{grid[1]} patch grid; the discriminator of masking='learned' needs "
+                   "at least 4x4")
         _check(self.adversarial_weight >= 0, "adversarial_weight", f"must be >= 0, got {self.adversarial_weight}")
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")

@@ -43,7 +43,7 @@ _MAE_BLOCK_NAMES = {
     "fc1": "mlp.fc1",
     "fc2": "mlp.fc2",
 }
-# Our student (and transformers' saved ViT / ViTMAE names).
+# transformers' saved ViT / ViTMAE names.
 _VIT_BLOCK_NAMES = {
     "norm1": "layernorm_before",
     "q": "attention.attention.query",
@@ -54,7 +54,8 @@ _VIT_BLOCK_NAMES = {
     "fc1": "intermediate.dense",
     "fc2": "output.dense",
 }
-# transformers 5.x run-time module names of `ViTMAEModel` (what `load_state_dict` on the teacher expects).
+# transformers 5.x run-time module names of its ViTMAE blocks (what `load_state_dict` on our student and on a
+# ViTMAE teacher expects).
 _VIT_RUNTIME_BLOCK_NAMES = {
     "norm1": "layernorm_before",
     "q": "attention.q_proj",
@@ -67,8 +68,9 @@ _VIT_RUNTIME_BLOCK_NAMES = {
 }
 # Teacher naming schemes: (layer prefix template, block names). The one matching the instantiated teacher is used.
 _TEACHER_SCHEMES = (
-    ("layers.{}.", _VIT_RUNTIME_BLOCK_NAMES),
-    ("encoder.layer.{}.", _VIT_BLOCK_NAMES),
+    ("layers.{}.", _VIT_RUNTIME_BLOCK_NAMES),  # transformers' ViTMAEModel
+    ("encoder.layer.{}.", _VIT_RUNTIME_BLOCK_NAMES),  # our AutoMAEModel
+    ("encoder.layer.{}.", _VIT_BLOCK_NAMES),  # older ViT-family layouts
 )
 
 _STUDENT_TOP_LEVEL = {
@@ -261,8 +263,8 @@ def _convert_student(state_dict) -> _Mapper:
     mapper = _Mapper(state_dict)
     qkv_bias = _has_qkv_bias(state_dict, "blocks.") or _has_qkv_bias(state_dict, "decoder_blocks.")
     mapper.copy(_STUDENT_TOP_LEVEL)
-    mapper.blocks("blocks.", "vit.encoder.layer.{}.", _VIT_BLOCK_NAMES, qkv_bias)
-    mapper.blocks("decoder_blocks.", "decoder.decoder_layers.{}.", _VIT_BLOCK_NAMES, qkv_bias)
+    mapper.blocks("blocks.", "vit.encoder.layer.{}.", _VIT_RUNTIME_BLOCK_NAMES, qkv_bias)
+    mapper.blocks("decoder_blocks.", "decoder.decoder_layers.{}.", _VIT_RUNTIME_BLOCK_NAMES, qkv_bias)
     mapper.check("checkpoint")
     return mapper
 

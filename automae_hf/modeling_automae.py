@@ -1,9 +1,9 @@
 """AutoMAE: masked autoencoders that learn where to mask (Chen et al., arXiv 2303.06583).
 
-Reading order follows the data: building blocks of the ViT student (named so checkpoints carry the keys that
-transformers writes for ViTMAE), the encoder `AutoMAEModel`, the mask generator (frozen teacher + score head +
+Reading order follows the data: the ViT student (transformers' ViTMAE blocks; checkpoints carry the keys
+transformers writes for ViTMAE / ViT), the encoder `AutoMAEModel`, the mask generator (frozen teacher + score head +
 Gumbel top-K), the discriminator, `AutoMAEForPreTraining` (reconstruction + adversarial losses), and the
-classification head. The method itself is `shared/docs/automae_method.md`; section numbers below refer to it.
+classification head. The method is described in the repository's `docs/method.md`; section numbers refer to it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEAttention, ViTMAEDecoder, ViTMAEEmbeddings, ViTMAELayer
 from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
 from .masking import (
@@ -32,12 +35,33 @@ from .masking import (
 )
 from .teacher import build_teacher, resize_attention, teacher_class, teacher_cls_attention, teacher_init_kwargs
 
-# Hub ViTMAE checkpoints (facebook/vit-mae-*) name decoder blocks `decoder.decoder_layers.N`, which is what we use;
-# transformers 5.x writes `decoder.decoder_encoder.layer.N` (its `encoder.layer.`->`layers.` rename reversed inside
-# `decoder_layers.`). Both load.
 logger = logging.get_logger(__name__)
 
+# Hub ViTMAE checkpoints (facebook/vit-mae-*) name decoder blocks `decoder.decoder_layers.N`, which is what we
+# save; transformers 5.x's ViTMAE writes `decoder.decoder_encoder.layer.N`. Both load.
 CHECKPOINT_KEY_MAPPING = {r"decoder\.decoder_encoder\.layer\.": "decoder.decoder_layers."}
+
+# transformers' ViTMAE blocks name their weights `attention.q_proj` ... `mlp.fc2` at run time, and ViT / ViTMAE
+# checkpoints `attention.attention.query` ... `output.dense`. This renaming is registered for our model type so that
+# loading reads both and saving writes the checkpoint names. It is anchored to our own blocks (encoder at the root
+# or under `vit.`, decoder), so a DINOv2 / ViT teacher inside the mask generator keeps its own family's renaming.
+_BLOCK_NAMES = (  # checkpoint name -> run-time name; the longer `attention.output.dense` before `output.dense`
+    (r"attention\.attention\.query", "attention.q_proj"),
+    (r"attention\.attention\.key", "attention.k_proj"),
+    (r"attention\.attention\.value", "attention.v_proj"),
+    (r"attention\.output\.dense", "attention.o_proj"),
+    (r"intermediate\.dense", "mlp.fc1"),
+    (r"output\.dense", "mlp.fc2"),
+)
+_OWN_BLOCKS = r"^(vit\.encoder\.layer\.\d+\.|encoder\.layer\.\d+\.|decoder\.decoder_layers\.\d+\.)"
+
+
+def checkpoint_conversion_mapping() -> list:
+    """Key renamings between our run-time module names and the ViT / ViTMAE checkpoint names."""
+    return [WeightRenaming(_OWN_BLOCKS + saved, r"\1" + runtime) for saved, runtime in _BLOCK_NAMES]
+
+
+register_checkpoint_conversion_mapping("automae", checkpoint_conversion_mapping(), overwrite=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -68,12 +92,16 @@ class AutoMAEMaskGeneratorOutput(ModelOutput):
 @dataclass
 class AutoMAEForPreTrainingOutput(ModelOutput):
     """
+    The first fields (and so `return_dict=False` tuples) start like `ViTMAEForPreTrainingOutput`:
+    (loss, logits, mask, ids_restore, hidden_states, attentions), the last two only when requested.
+
     Args:
         loss: reconstruction_loss + adversarial_weight * generator_loss (what the student + score head minimise).
-        reconstruction_loss: MAE's per-patch MSE over masked patches.
-        generator_loss: mean((D(p) - 1)^2), D's weights held fixed.
         logits (`[B, L, p*p*C]`): pixel predictions for every patch.
         mask (`[B, L]`), ids_restore (`[B, L]`): as in ViTMAE.
+        hidden_states, attentions: the encoder's, on request (attentions need `attn_implementation="eager"`).
+        reconstruction_loss: MAE's per-patch MSE over masked patches.
+        generator_loss: mean((D(p) - 1)^2), D's weights held fixed.
         mask_probs (`[B, L]`): p, the soft sample that chose this step's top-K and that D judges.
         mask_logits (`[B, L]`): the score head's log-probabilities.
         teacher_attention (`[B, heads, h, w]`): reusable for the D step (also set with `masking="attention"`).
@@ -81,16 +109,16 @@ class AutoMAEForPreTrainingOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None
-    reconstruction_loss: torch.Tensor | None = None
-    generator_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    generator_loss: torch.Tensor | None = None
     mask_probs: torch.Tensor | None = None
     mask_logits: torch.Tensor | None = None
     teacher_attention: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     box_patches: torch.Tensor | None = None
 
 
@@ -111,11 +139,13 @@ class AutoMAEDiscriminatorOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Student building blocks (ViT; module paths = the keys transformers saves for ViTMAE / ViT)
+# Student building blocks: transformers' ViTMAE blocks, plus what AutoMAE needs (no masking inside the encoder,
+# visible ids, the gamma gate, any rectangular grid)
 # --------------------------------------------------------------------------------------------------------------
 def sincos_position_embedding(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, `[1 + h*w, dim]` (a zero row for CLS), laid out exactly as the released MAE
-    and transformers' ViTMAE weights: [sin/cos of the column | sin/cos of the row]."""
+    and transformers' ViTMAE weights: [sin/cos of the column | sin/cos of the row]. Unlike ViTMAE's own builder it
+    takes rectangular grids."""
     if dim % 4:
         raise ValueError(f"Sin-cos position embeddings need a hidden size divisible by 4, got {dim}")
     rows, columns = grid_size
@@ -130,245 +160,119 @@ def sincos_position_embedding(grid_size: tuple[int, int], dim: int, cls_token: b
     return table.float()
 
 
-def _interpolate_positions(table: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]):
-    """Bicubic resize of a `[1, 1 + h*w, D]` table to a new grid, CLS row untouched."""
+def interpolate_positions(table: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]):
+    """Bicubic resize of a `[1, 1 + h*w, D]` table to a new (possibly rectangular) grid, CLS row untouched."""
     if tuple(grid_size) == tuple(new_grid):
         return table
     dim = table.shape[-1]
     patch_table = table[:, 1:].reshape(1, *grid_size, dim).permute(0, 3, 1, 2)
-    patch_table = F.interpolate(patch_table.float(), size=new_grid, mode="bicubic", align_corners=False)
+    patch_table = F.interpolate(patch_table.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
     patch_table = patch_table.to(table.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([table[:, :1], patch_table], dim=1)
 
 
-class AutoMAEPatchEmbeddings(nn.Module):
-    """`[B, C, H, W]` images -> `[B, L, D]` patch embeddings, with errors that name the expected shape."""
+class AutoMAEEmbeddings(ViTMAEEmbeddings):
+    """ViTMAE's embeddings (CLS token, fixed sin-cos positions, patch projection) without ViTMAE's masking: the
+    caller chooses the visible tokens. Positions interpolate to any grid, rectangular ones included."""
 
     def __init__(self, config: AutoMAEConfig):
-        super().__init__()
-        size, patch = config.image_size, config.patch_size
-        self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
-        self.num_channels = config.num_channels
-        self.grid_size = config.grid_size
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, self.patch_size, self.patch_size)
+        super().__init__(config)
+        self.grid_size = tuple(config.grid_size)
 
-    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
-        expected = f"[batch_size, {self.num_channels}, {self.image_size[0]}, {self.image_size[1]}]"
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple[int, int]:
+        """Raises a `ValueError` naming the expected shape; returns the batch's patch grid (rows, columns)."""
+        patches = self.patch_embeddings
+        height, width = patches.image_size
+        expected = f"[batch_size, {patches.num_channels}, {height}, {width}]"
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"Expected pixel_values of shape {expected}, got {shape}")
-        channels, height, width = pixel_values.shape[1:]
-        if channels != self.num_channels:
+        shape = tuple(pixel_values.shape)
+        if shape[1] != patches.num_channels:
             hint = (
                 " (a grayscale batch: convert images to RGB, e.g. the image processor's do_convert_rgb, or "
                 "pixel_values.expand(-1, 3, -1, -1))"
-                if channels == 1 and self.num_channels == 3
+                if shape[1] == 1 and patches.num_channels == 3
                 else ""
             )
-            raise ValueError(
-                f"Expected pixel_values with {self.num_channels} channels, shape {expected}, got "
-                f"{tuple(pixel_values.shape)}{hint}"
-            )
+            raise ValueError(f"Expected pixel_values with {patches.num_channels} channels, shape {expected}, got {shape}{hint}")
+        patch_h, patch_w = patches.patch_size
         if interpolate_pos_encoding:
-            if height % self.patch_size[0] or width % self.patch_size[1]:
+            if shape[2] % patch_h or shape[3] % patch_w:
                 raise ValueError(
                     f"With interpolate_pos_encoding, height and width must be multiples of the patch size "
-                    f"{self.patch_size}, got {tuple(pixel_values.shape)}"
+                    f"{tuple(patches.patch_size)}, got {shape}"
                 )
-        elif (height, width) != self.image_size:
+        elif shape[2:] != (height, width):
             raise ValueError(
-                f"Expected pixel_values of shape {expected}, got {tuple(pixel_values.shape)}; pass "
-                "interpolate_pos_encoding=True to run at another resolution"
+                f"Expected pixel_values of shape {expected}, got {shape}; pass interpolate_pos_encoding=True to run "
+                "at another resolution"
             )
+        return shape[2] // patch_h, shape[3] // patch_w
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(pixel_values.to(self.projection.weight.dtype)).flatten(2).transpose(1, 2)
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        patch_h, patch_w = self.patch_embeddings.patch_size
+        return interpolate_positions(self.position_embeddings, self.grid_size, (height // patch_h, width // patch_w))
 
-
-class AutoMAEEmbeddings(nn.Module):
-    """CLS token, fixed sin-cos positions, patch embeddings. No masking here: callers choose the visible tokens."""
-
-    def __init__(self, config: AutoMAEConfig):
-        super().__init__()
-        self.config = config
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embeddings = AutoMAEPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(
-            torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size), requires_grad=False
-        )
+    def initialize_weights(self):
+        # ViTMAE's version builds a square table only; `_init_module` initialises every grid.
+        pass
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
-        """Returns patch tokens `[B, L, D]` (positions added) and the CLS token `[B, 1, D]` (position added)."""
-        self.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        patches = self.patch_embeddings(pixel_values)
-        new_grid = tuple(s // p for s, p in zip(pixel_values.shape[-2:], self.patch_embeddings.patch_size))
-        positions = _interpolate_positions(self.position_embeddings, self.patch_embeddings.grid_size, new_grid)
+        """`[B, C, H, W]` -> patch tokens `[B, L, D]` (positions added) and the CLS token `[B, 1, D]`."""
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        height, width = pixel_values.shape[-2:]
+        weight = self.patch_embeddings.projection.weight
+        patches = self.patch_embeddings(pixel_values.to(weight.dtype))
+        positions = self.interpolate_pos_encoding(patches, height, width)
         cls_token = (self.cls_token + positions[:, :1]).expand(patches.shape[0], -1, -1)
         return patches + positions[:, 1:], cls_token
 
 
-class AutoMAESelfAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.dropout = config.attention_probs_dropout_prob
-        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        query, key, value = (
-            proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value)
-        )
-        dropout = self.dropout if self.training else 0.0
-        if not output_attentions:  # SDPA: flash / memory-efficient kernels, no weights materialised
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
-            weights = None
-        else:
-            weights = torch.softmax((query @ key.transpose(-1, -2)) * self.head_dim**-0.5, dim=-1, dtype=torch.float32)
-            weights = weights.to(query.dtype)
-            context = F.dropout(weights, dropout, self.training) @ value
-        return context.transpose(1, 2).reshape(batch, length, -1), weights
-
-
-class AutoMAESelfOutput(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states):
-        return self.dropout(self.dense(hidden_states))
-
-
-class AutoMAEAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.attention = AutoMAESelfAttention(config)
-        self.output = AutoMAESelfOutput(config)
-
-    def forward(self, hidden_states, output_attentions: bool = False):
-        context, weights = self.attention(hidden_states, output_attentions)
-        return self.output(context), weights
-
-
-class AutoMAEIntermediate(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states):
-        return self.activation(self.dense(hidden_states))
-
-
-class AutoMAEOutput(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states):
-        return self.dropout(self.dense(hidden_states))
-
-
-class AutoMAELayer(nn.Module):
-    """Pre-norm transformer block (ViT's)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.attention = AutoMAEAttention(config)
-        self.intermediate = AutoMAEIntermediate(config)
-        self.output = AutoMAEOutput(config)
-        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-        attention_output, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + attention_output
-        hidden_states = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        return hidden_states, weights
-
-
 class AutoMAEEncoder(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.layer = nn.ModuleList([AutoMAELayer(config) for _ in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
-
-    def forward(self, hidden_states, output_attentions: bool = False, output_hidden_states: bool = False):
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.layer:
-            if self.gradient_checkpointing and self.training:
-                hidden_states, weights = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, output_attentions, use_reentrant=False
-                )
-            else:
-                hidden_states, weights = layer(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (weights,)
-        return hidden_states, all_hidden_states, all_attentions
-
-
-def _decoder_config(config: AutoMAEConfig):
-    """The fields an `AutoMAELayer` reads, with the decoder's sizes."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        hidden_size=config.decoder_hidden_size,
-        num_attention_heads=config.decoder_num_attention_heads,
-        intermediate_size=config.decoder_intermediate_size,
-        hidden_act=config.hidden_act,
-        qkv_bias=config.qkv_bias,
-        layer_norm_eps=config.layer_norm_eps,
-        hidden_dropout_prob=config.hidden_dropout_prob,
-        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
-    )
-
-
-class AutoMAEDecoder(nn.Module):
-    """MAE's light decoder: visible latents + mask tokens, unshuffled, -> per-patch pixel predictions."""
+    """A stack of transformers' `ViTMAELayer`s under the module path ViT checkpoints use (`encoder.layer.N`).
+    Hidden states and attentions are recorded by transformers' output capturing (`_can_record_outputs`)."""
 
     def __init__(self, config: AutoMAEConfig):
         super().__init__()
-        self.grid_size = config.grid_size
-        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, config.num_patches + 1, config.decoder_hidden_size), requires_grad=False
-        )
-        layer_config = _decoder_config(config)
-        self.decoder_layers = nn.ModuleList([AutoMAELayer(layer_config) for _ in range(config.decoder_num_hidden_layers)])
-        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
-        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        self.decoder_pred = nn.Linear(config.decoder_hidden_size, patch * patch * config.num_channels)
+        self.layer = nn.ModuleList([ViTMAELayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, None, **kwargs)
+        return hidden_states
+
+
+class AutoMAEDecoder(ViTMAEDecoder):
+    """transformers' ViTMAE decoder (visible latents + mask tokens, unshuffled, -> per-patch pixels) on the
+    batch's own grid: its position table interpolates in 2-D, rectangular grids included."""
+
+    def __init__(self, config: AutoMAEConfig):
+        super().__init__(config, config.num_patches)
+        self.grid_size = tuple(config.grid_size)
+
+    def initialize_weights(self, num_patches: int | None = None):
+        # ViTMAE's version builds a square table only; `_init_module` initialises every grid.
+        pass
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None, **kwargs) -> torch.Tensor:
         """
         Args:
             latent: `[B, 1 + K, D]` encoder output (CLS first, visible patches in keep order).
             ids_restore: `[B, L]`.
+            grid_size: the batch's patch grid (rows, columns); the config's when `None`.
         Returns:
             `[B, L, p*p*C]` pixel predictions in patch order.
         """
         hidden_states = self.decoder_embed(latent)
         batch, visible, dim = hidden_states.shape
         num_masked = ids_restore.shape[1] + 1 - visible
-        tokens = torch.cat([hidden_states[:, 1:], self.mask_token.expand(batch, num_masked, -1)], dim=1)
+        tokens = torch.cat([hidden_states[:, 1:], self.mask_token.to(hidden_states.dtype).expand(batch, num_masked, -1)], 1)
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
         hidden_states = torch.cat([hidden_states[:, :1], tokens], dim=1)
-        positions = _interpolate_positions(self.decoder_pos_embed, self.grid_size, grid_size or self.grid_size)
-        hidden_states = hidden_states + positions
+        hidden_states = hidden_states + interpolate_positions(self.decoder_pos_embed, self.grid_size, grid_size or self.grid_size)
         for layer in self.decoder_layers:
-            hidden_states, _ = layer(hidden_states)
+            hidden_states = layer(hidden_states, None, **kwargs)
         return self.decoder_pred(self.decoder_norm(hidden_states))[:, 1:]
 
 
@@ -386,8 +290,13 @@ class AutoMAEScoreHead(nn.Sequential):
         )
 
     def forward(self, attention: torch.Tensor) -> torch.Tensor:
-        """`[B, heads, h, w]` -> `[B, h*w]` log-probabilities over patches."""
-        return torch.log_softmax(super().forward(attention).flatten(1).float(), dim=-1)
+        """`[B, heads, h, w]` -> `[B, h*w]` float32 log-probabilities over patches, computed in float32 whatever the
+        weights' dtype or autocast: bf16 rounding of the scores would create top-K ties."""
+        first, _, second = self
+        with torch.autocast(attention.device.type, enabled=False):
+            hidden = F.conv2d(attention.float(), first.weight.float(), first.bias.float(), padding=1)
+            scores = F.conv2d(F.relu(hidden), second.weight.float(), second.bias.float(), padding=1)
+            return torch.log_softmax(scores.flatten(1), dim=-1)
 
 
 class AutoMAEDiscriminator(nn.Module):
@@ -408,20 +317,29 @@ class AutoMAEDiscriminator(nn.Module):
         self._pool_matrices = {}  # (h, w, device, dtype) -> [h*w, 9]; built on first use, not a checkpoint tensor
         self.conv3 = spectral_norm(nn.Conv2d(32, 1, 3, bias=False))
 
-    def forward(self, mask_probs: torch.Tensor, freeze_weights: bool = False) -> torch.Tensor:
-        """`[B, L]` distributions -> `[B]` raw scores. `freeze_weights` lets gradients reach the input only."""
-        hidden = mask_probs.float().view(-1, 1, *self.grid_size)
+    def forward(self, mask_probs: torch.Tensor, freeze_weights: bool = False, grid_size=None) -> torch.Tensor:
+        """`[B, L]` distributions on a `grid_size` patch grid (the config's when `None`) -> `[B]` raw scores, in
+        float32 whatever the weights' dtype or autocast (the reference runs D outside autocast).
+        `freeze_weights` lets gradients reach the input only."""
+        grid_size = tuple(grid_size or self.grid_size)
+        if min(grid_size) < 4 or mask_probs.shape[-1] != grid_size[0] * grid_size[1]:
+            raise ValueError(
+                f"The discriminator needs [batch, rows * columns] mask distributions on a grid of at least 4x4, got "
+                f"{tuple(mask_probs.shape)} for grid {grid_size}"
+            )
         convs = (self.conv1, self.conv2, self.conv3)
-        if freeze_weights:
-            with torch.no_grad():
-                weights = [conv.weight.detach() for conv in convs]
-        else:
-            weights = [conv.weight for conv in convs]
-        hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
-        hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
-        if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3
-            hidden = self.pool_to_3x3(hidden)
-        return F.conv2d(hidden, weights[2]).flatten()
+        with torch.autocast(mask_probs.device.type, enabled=False):
+            if freeze_weights:
+                with torch.no_grad():
+                    weights = [conv.weight.detach().float() for conv in convs]
+            else:
+                weights = [conv.weight.float() for conv in convs]
+            hidden = mask_probs.float().reshape(-1, 1, *grid_size)
+            hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
+            hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
+            if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3
+                hidden = self.pool_to_3x3(hidden)
+            return F.conv2d(hidden, weights[2]).flatten()
 
     def pool_to_3x3(self, hidden: torch.Tensor) -> torch.Tensor:
         """`adaptive_avg_pool2d(hidden, 3)` as one `[h*w, 9]` matmul: the pool is a fixed linear map of the fixed
@@ -463,7 +381,7 @@ def _init_module(module: nn.Module, config) -> None:
                 spectral._v.copy_(F.normalize(torch.randn_like(spectral._v), dim=0, eps=spectral.eps))
                 spectral._power_method(spectral._reshape_weight_to_matrix(module.original.detach()), 15)
     elif isinstance(module, AutoMAEEmbeddings):
-        table = sincos_position_embedding(module.patch_embeddings.grid_size, module.position_embeddings.shape[-1])
+        table = sincos_position_embedding(module.grid_size, module.position_embeddings.shape[-1])
         init.copy_(module.position_embeddings, table.unsqueeze(0))
         init.normal_(module.cls_token, std=std)
         weight = module.patch_embeddings.projection.weight
@@ -483,7 +401,13 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["AutoMAEEmbeddings", "AutoMAELayer"]
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["AutoMAEEmbeddings", "ViTMAELayer"]
+    _can_record_outputs = {"hidden_states": ViTMAELayer, "attentions": ViTMAEAttention}
+    # The score head and D compute in float32 in any case; keeping their weights there avoids bf16 round trips.
+    _keep_in_fp32_modules = ["score_head", "discriminator"]
     # An encoder or classifier loaded from a pretraining folder leaves these out on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mask_generator\.", r"^discriminator\."]
     # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (shared pitfalls §4).
@@ -500,16 +424,14 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
             if isinstance(module, AutoMAEMaskGenerator):
                 module.freeze_teacher()
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        for module in self.modules():
-            if isinstance(module, AutoMAEEncoder):
-                module.gradient_checkpointing = enable
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         kwargs["key_mapping"] = {**CHECKPOINT_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        # Save in our own format whatever the loaded one was (transformers would reverse the renamings used to load,
+        # writing a ViTMAE 5.x decoder back as `decoder.decoder_encoder.layer.N`).
+        model._weight_conversions = None
         model.refreeze()
         model._after_loading(info)
         return (model, info) if output_loading_info else model
@@ -535,54 +457,39 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         visible_ids: torch.LongTensor | None = None,
         token_gates: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
         **kwargs,
-    ):
+    ) -> BaseModelOutputWithPooling:
         """
         Args:
             pixel_values: `[B, C, H, W]`.
             visible_ids: optional `[B, K]` patch indices to encode (MAE's visible set); `None` encodes all patches.
-            token_gates: optional `[B, L]` gamma of the gradient trick (§2.5): tokens become z + (g - sg(g)) z,
+            token_gates: optional `[B, L]` gamma of the gradient trick (method §2.5): tokens become z + (g - sg(g)) z,
                 equal in value, with dLoss/dg = <dLoss/dz', z>.
+            output_hidden_states, output_attentions, return_dict: as in transformers (attentions need
+                `attn_implementation="eager"`).
         Returns:
             `BaseModelOutputWithPooling`: last_hidden_state `[B, 1 + K, D]` (CLS first), pooler_output `[B, D]`
             (CLS or mean of patch tokens, per `config.pooling`), hidden_states / attentions on request.
         """
         if pixel_values is None:
             raise ValueError("AutoMAEModel needs pixel_values of shape [batch_size, channels, height, width]")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         patches, cls_token = self.embeddings(pixel_values, interpolate_pos_encoding)
         if token_gates is not None:
             gates = token_gates.unsqueeze(-1).to(patches.dtype)
-            patches = patches + (gates - gates.detach()) * patches  # bit-exact forward (shared pitfalls §12)
+            patches = patches + (gates - gates.detach()) * patches  # bit-exact forward, unlike g*z + sg(1-g)*z
         if visible_ids is not None:
             patches = torch.gather(patches, 1, visible_ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        hidden_states = torch.cat([cls_token, patches], dim=1)
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, output_attentions, output_hidden_states
-        )
+        hidden_states = self.encoder(torch.cat([cls_token, patches], dim=1), **kwargs)
         sequence_output = self.layernorm(hidden_states)
         pooled = sequence_output[:, 0] if self.config.pooling == "cls" else sequence_output[:, 1:].mean(dim=1)
-        if not return_dict:
-            return tuple(v for v in (sequence_output, pooled, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -827,7 +734,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
 
     def forward_loss(self, pixel_values, logits, mask) -> torch.Tensor:
         """MAE's loss: per-patch MSE, averaged over masked patches."""
-        loss = ((logits - self.reconstruction_targets(pixel_values)) ** 2).mean(dim=-1)
+        loss = ((logits.float() - self.reconstruction_targets(pixel_values.float())) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
     # ---- the student + score-head step ---------------------------------------------------------------------
@@ -865,12 +772,10 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if pixel_values is None:
             raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self.vit.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        grid = self.vit.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         masking = self.config.masking
         if boxes is not None and masking != "box_prior":
             raise ValueError(f"`boxes` are only read with masking='box_prior', this model has masking={masking!r}")
-        patch = self.vit.embeddings.patch_embeddings.patch_size
-        grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
         num_patches = grid[0] * grid[1]
         num_visible = num_visible_patches(num_patches, self.config.mask_ratio)
         box_patches = None
@@ -913,20 +818,22 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 generator=generator,
                 gumbel_noise_scale=self.config.gumbel_noise_scale,
             )
+        requested = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         encoded = self.vit(
             pixel_values,
             visible_ids=sampled.ids_keep,
             token_gates=sampled.raised_noise,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **{name: value for name, value in requested.items() if value is not None},
         )
         logits = self.decoder(encoded.last_hidden_state, sampled.ids_restore, grid)
         reconstruction_loss = self.forward_loss(pixel_values, logits, sampled.mask)
         if self.discriminator is None:
             generator_loss, loss = None, reconstruction_loss
         else:
-            generator_loss = ((self.discriminator(sampled.mask_probs, freeze_weights=True) - 1) ** 2).mean()
+            scores = self.discriminator(sampled.mask_probs, freeze_weights=True, grid_size=grid)
+            generator_loss = ((scores - 1) ** 2).mean()
             loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
         output = AutoMAEForPreTrainingOutput(
             loss=loss,
@@ -974,10 +881,9 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             fake = gumbel_softmax_sample(
                 mask_logits, self.config.gumbel_tau, gumbel_noise, generator, self.config.gumbel_noise_scale
             )
-            real = sample_box_prior(
-                fake.shape[0], self.config.grid_size, self.config.box_prior_alpha, generator, fake.device
-            )
-        scores = (discriminator or self.discriminator)(torch.cat([real, fake]))
+            grid = tuple(teacher_attention.shape[-2:])
+            real = sample_box_prior(fake.shape[0], grid, self.config.box_prior_alpha, generator, fake.device)
+        scores = (discriminator or self.discriminator)(torch.cat([real, fake]), grid_size=grid)
         real_scores, fake_scores = scores[: len(real)], scores[len(real) :]
         loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
         return AutoMAEDiscriminatorOutput(
@@ -1021,11 +927,12 @@ class AutoMAEForImageClassification(AutoMAEPreTrainedModel):
     ):
         """`labels`: `[B]` class indices (or floats for regression, multi-hot for multi-label)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        requested = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         outputs = self.vit(
             pixel_values,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **{name: value for name, value in requested.items() if value is not None},
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None

@@ -74,15 +74,17 @@ def test_encoder_at_inference_masks_nothing_and_is_deterministic():
     torch.manual_seed(0)
     model = AutoMAEModel(make_tiny_config()).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
-    first = model(pixel_values, output_hidden_states=True, output_attentions=True)
     second = model(pixel_values)
-    assert first.last_hidden_state.shape == (2, 1 + 64, 32)
     assert torch.equal(second.last_hidden_state, model(pixel_values).last_hidden_state)
+    model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    first = model(pixel_values, output_hidden_states=True, output_attentions=True)
+    assert first.last_hidden_state.shape == (2, 1 + 64, 32)
     assert torch.equal(first.pooler_output, first.last_hidden_state[:, 0])
     assert len(first.hidden_states) == 3 and len(first.attentions) == 2
     assert first.attentions[0].shape == (2, 2, 65, 65)
     # eager attention (weights requested) and SDPA agree
     torch.testing.assert_close(first.last_hidden_state, second.last_hidden_state, atol=1e-5, rtol=1e-5)
+    model.set_attn_implementation("sdpa")
     tuple_output = model(pixel_values, return_dict=False)
     assert torch.equal(tuple_output[0], second.last_hidden_state)
 

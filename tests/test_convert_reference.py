@@ -220,9 +220,9 @@ def test_every_reference_key_is_consumed_and_every_model_key_filled():
     assert len(ours) == top_level + 16 * (LAYERS + DEC_LAYERS)
     hidden = HIDDEN
     fused = student["blocks.1.attn.qkv.weight"]
-    assert torch.equal(ours["vit.encoder.layer.1.attention.attention.query.weight"], fused[:hidden])
-    assert torch.equal(ours["vit.encoder.layer.1.attention.attention.key.weight"], fused[hidden : 2 * hidden])
-    assert torch.equal(ours["vit.encoder.layer.1.attention.attention.value.weight"], fused[2 * hidden :])
+    assert torch.equal(ours["vit.encoder.layer.1.attention.q_proj.weight"], fused[:hidden])
+    assert torch.equal(ours["vit.encoder.layer.1.attention.k_proj.weight"], fused[hidden : 2 * hidden])
+    assert torch.equal(ours["vit.encoder.layer.1.attention.v_proj.weight"], fused[2 * hidden :])
     teacher = convert_teacher_state_dict(make_reference_state_dict(3))  # decoder and score-head keys ignored
     assert "layers.1.attention.q_proj.weight" in teacher and not any("decoder" in k for k in teacher)
     assert len(convert_discriminator_state_dict(make_reference_discriminator().state_dict())) == 9

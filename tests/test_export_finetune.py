@@ -388,8 +388,8 @@ def test_layer_wise_lr_decay_groups(exported):
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert lr_of[id(named["classifier.weight"])] == 1.0
-    assert lr_of[id(named["vit.encoder.layer.1.attention.attention.query.weight"])] == 0.5
-    assert lr_of[id(named["vit.encoder.layer.0.output.dense.weight"])] == 0.25
+    assert lr_of[id(named["vit.encoder.layer.1.attention.q_proj.weight"])] == 0.5
+    assert lr_of[id(named["vit.encoder.layer.0.mlp.fc2.weight"])] == 0.25
     assert lr_of[id(named["vit.embeddings.patch_embeddings.projection.weight"])] == 0.125
     assert id(named["vit.embeddings.position_embeddings"]) not in lr_of  # fixed sin-cos table stays frozen
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}

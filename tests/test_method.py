@@ -149,25 +149,32 @@ def test_gamma_trick_forward_is_bit_identical(grid):
 
 
 def test_gamma_gradient_is_token_dot_upstream_and_zero_on_masked_patches():
+    """Through the model's own gate (`AutoMAEModel(token_gates=...)`): dL/dg_i = <dL/dz'_i, z_i> on visible patches,
+    sign and magnitude, and 0 on masked ones."""
     model = tiny_model(28).eval()
     pixel_values = images(2, 28)
     sample = model.mask_generator(pixel_values)
     gates = sample.raised_noise.detach().clone().requires_grad_()
-    patches, _ = model.vit.embeddings(pixel_values)
-    patches = patches.detach().requires_grad_()
-    gated = patches + (gates.unsqueeze(-1) - gates.detach().unsqueeze(-1)) * patches
-    keep = sample.ids_keep
-    visible = torch.gather(gated, 1, keep.unsqueeze(-1).expand(-1, -1, gated.shape[-1]))
-    cls_token = (model.vit.embeddings.cls_token + model.vit.embeddings.position_embeddings[:, :1]).expand(2, -1, -1)
-    hidden, _, _ = model.vit.encoder(torch.cat([cls_token, visible], 1))
-    logits = model.decoder(model.vit.layernorm(hidden), sample.ids_restore)
+    captured = {}
+
+    def leaf_patches(module, args, output):  # make the embeddings' patch tokens z a leaf whose gradient we read
+        patches, cls_token = output
+        captured["z"] = patches.detach().requires_grad_()
+        return captured["z"], cls_token
+
+    handle = model.vit.embeddings.register_forward_hook(leaf_patches)
+    try:
+        encoded = model.vit(pixel_values, visible_ids=sample.ids_keep, token_gates=gates)
+    finally:
+        handle.remove()
+    logits = model.decoder(encoded.last_hidden_state, sample.ids_restore)
     loss = model.forward_loss(pixel_values, logits, sample.mask)
-    token_grad, gate_grad = torch.autograd.grad(loss, [patches, gates])
+    token_grad, gate_grad = torch.autograd.grad(loss, [captured["z"], gates])
     masked = sample.mask.bool()
     assert torch.all(gate_grad[masked] == 0), "masked patches must not contribute to the generator's gradient"
     assert torch.all(gate_grad[~masked] != 0)
     # z' = z + (g - sg(g)) z has dz'/dz = 1 at this point, so dL/dz = dL/dz' and dL/dg = <dL/dz', z> (§2.5)
-    expected = (token_grad * patches.detach()).sum(-1)
+    expected = (token_grad * captured["z"].detach()).sum(-1)
     torch.testing.assert_close(gate_grad[~masked], expected[~masked], atol=1e-7, rtol=1e-4)
 
 
@@ -363,6 +370,7 @@ def test_student_encoder_serves_as_its_own_teacher():
     model = tiny_model(32).eval()
     pixel_values = images(2, 32)
     attention = teacher_cls_attention(model.vit, pixel_values)
+    model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
     eager = model.vit(pixel_values, output_attentions=True).attentions[-1][:, :, 0, 1:]
     torch.testing.assert_close(attention, eager.reshape(2, 2, 8, 8), atol=1e-5, rtol=1e-4)
     output = model(pixel_values, teacher_attention=attention)
