@@ -125,14 +125,21 @@ def _torch_load(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_state_dict_file(path: str | os.PathLike, description: str = "checkpoint") -> dict[str, torch.Tensor]:
+def load_state_dict_file(
+    path: str | os.PathLike, description: str = "checkpoint", entries=("model", "state_dict")
+) -> dict[str, torch.Tensor]:
     """Reads a `.pth` / `.pt` / `.bin` (torch, `weights_only=True`) or `.safetensors` file and returns its state dict
-    (the "model" entry of an MAE-style checkpoint, else "state_dict", else the dict itself; a DDP `module.` prefix
-    is removed).
+    (the first of `entries` present, e.g. the "model" entry of an MAE-style checkpoint, else the dict itself; a DDP
+    `module.` prefix is removed).
 
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable file, or no tensor state dict inside.
     """
+    return extract_state_dict(load_checkpoint_file(path, description), f"{description} {os.fspath(path)!r}", entries)
+
+
+def load_checkpoint_file(path: str | os.PathLike, description: str = "checkpoint"):
+    """The raw content of a checkpoint file (tensors and plain containers only), with errors that say why not."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The {description} file {path!r} does not exist")
@@ -145,27 +152,28 @@ def load_state_dict_file(path: str | os.PathLike, description: str = "checkpoint
             content = _torch_load(path)
     except Exception as error:  # corrupt archives raise RuntimeError, UnpicklingError, EOFError, zipfile errors...
         raise ValueError(f"Could not read the {description} {path!r}: {_explain_load_error(error)}") from error
-    return extract_state_dict(content, f"{description} {path!r}")
+    return content
 
 
 def _explain_load_error(error: Exception) -> str:
     message = str(error)
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if unsafe:
+    if "Weights only load failed" in message:  # torch's safe loader refused it: readable, but not only tensors
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", message)
+        what = f"a Python object ({unsafe.group(1)})" if unsafe else "Python objects"
         return (
-            f"it holds a Python object ({unsafe.group(1)}) other than tensors and plain containers, which is never "
-            "unpickled here for safety. Load it where you trust the file and re-save only the weights, e.g. "
-            "torch.save({'model': checkpoint['model']}, path)."
+            f"it holds {what} other than tensors and plain containers, which is never unpickled here for safety "
+            "(torch.load with weights_only=True). Load it where you trust the file and re-save only the weights, "
+            "e.g. torch.save({'model': checkpoint['model']}, path)."
         )
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", message, re.S)
     detail = detail.group(1).strip() if detail else (message.strip().splitlines() or [""])[0]
     return f"not a readable PyTorch or safetensors checkpoint (truncated or corrupt?): {type(error).__name__}: {detail}"
 
 
-def extract_state_dict(content, description: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensor state dict inside a loaded checkpoint: `content["model"]`, `content["state_dict"]` or `content`."""
+def extract_state_dict(content, description: str = "checkpoint", entries=("model", "state_dict")) -> dict[str, torch.Tensor]:
+    """The tensor state dict inside a loaded checkpoint: the first of `content[entry]` for `entries`, or `content`."""
     if isinstance(content, Mapping):
-        for entry in ("model", "state_dict"):
+        for entry in entries:
             if isinstance(content.get(entry), Mapping):
                 content = content[entry]
                 break
@@ -180,12 +188,23 @@ def extract_state_dict(content, description: str = "checkpoint") -> dict[str, to
     return state_dict
 
 
-def _as_state_dict(source, description: str) -> dict[str, torch.Tensor]:
+def _as_state_dict(source, description: str, entries=("model", "state_dict")) -> dict[str, torch.Tensor]:
     if source is None:
         return None
     if isinstance(source, (str, os.PathLike)):
-        return load_state_dict_file(source, description)
-    return extract_state_dict(source, description)
+        return load_state_dict_file(source, description, entries)
+    return extract_state_dict(source, description, entries)
+
+
+# The training script of the released code saves D beside the student, as checkpoint["discriminator"].
+_DISCRIMINATOR_ENTRIES = ("discriminator", "model", "state_dict")
+
+
+def _combined_discriminator(content):
+    """D's state dict when a loaded checkpoint holds one under "discriminator", else `None`."""
+    if isinstance(content, Mapping) and isinstance(content.get("discriminator"), Mapping):
+        return extract_state_dict(content["discriminator"], "checkpoint's discriminator entry")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,7 +328,13 @@ def convert_discriminator_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 
     """Maps the reference discriminator (old `torch.nn.utils.spectral_norm`: `convK.0.weight_orig`, `weight_u`,
     `weight_v`) to `AutoMAEDiscriminator` keys (parametrizations API: `convK.parametrizations.weight.original`,
     `...weight.0._u`, `...weight.0._v`). Both store the same u, v, so eval-mode outputs match exactly."""
-    state_dict = extract_state_dict(state_dict, "discriminator checkpoint")
+    state_dict = _drop_duplicate_first_conv(extract_state_dict(state_dict, "discriminator checkpoint", _DISCRIMINATOR_ENTRIES))
+    biases = sorted(key for key in state_dict if key.endswith(".bias"))
+    if biases:
+        raise ValueError(
+            f"The discriminator checkpoint has convolution biases ({_few(biases)}); AutoMAEDiscriminator's "
+            "convolutions are bias-free as in the method's description, so these weights cannot be represented"
+        )
     mapper = _Mapper(state_dict)
     for conv in _DISCRIMINATOR_CONVS:
         mapper.copy(
@@ -321,6 +346,24 @@ def convert_discriminator_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 
         )
     mapper.check("discriminator checkpoint")
     return mapper.converted
+
+
+def _drop_duplicate_first_conv(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The released discriminator registers its first convolution twice (as `conv1.0` and as `features.0`), so its
+    state dict holds every `conv1.0.*` tensor a second time under `features.0.*`: drop those copies after checking
+    that they are the same tensors."""
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if k.startswith("features.0.")]:
+        original = "conv1.0." + key[len("features.0."):]
+        if original not in state_dict:
+            continue  # not a copy: left for the key check, which reports it
+        if not torch.equal(state_dict[key], state_dict[original]):
+            raise ValueError(
+                f"The discriminator checkpoint's {key} differs from {original}; in the released code both name the "
+                "same first convolution, so this file is not a reference discriminator"
+            )
+        del state_dict[key]
+    return state_dict
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -535,7 +578,9 @@ def convert_checkpoint(
     Args:
         checkpoint: path of the reference checkpoint (or the loaded dict / state dict).
         output_dir: where to `save_pretrained`; `None` only converts.
-        discriminator: path (or state dict) of the reference discriminator; otherwise D stays freshly initialised.
+        discriminator: path (or state dict) of the reference discriminator, alone or as the "discriminator" entry
+            of a combined checkpoint; by default the "discriminator" entry of `checkpoint` when it has one, else D
+            stays freshly initialised.
         teacher_checkpoint: path (or state dict) of the plain MAE checkpoint used as teacher.
         teacher_name_or_path: stored in the config; without `teacher_checkpoint`, the saved folder carries no
             teacher weights and `from_pretrained` loads the teacher from there.
@@ -546,9 +591,14 @@ def convert_checkpoint(
     Returns:
         The converted model (eval mode), teacher as initialised when no teacher checkpoint is given.
     """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint_file(checkpoint, "checkpoint")
     state_dict = _as_state_dict(checkpoint, "checkpoint")
     teacher_state_dict = _as_state_dict(teacher_checkpoint, "teacher checkpoint")
-    discriminator_state_dict = _as_state_dict(discriminator, "discriminator checkpoint")
+    if discriminator is not None:
+        discriminator_state_dict = _as_state_dict(discriminator, "discriminator checkpoint", _DISCRIMINATOR_ENTRIES)
+    else:  # the released training script saves D inside the main checkpoint
+        discriminator_state_dict = _combined_discriminator(checkpoint)
 
     student = _convert_student(state_dict)
     config = infer_config(
@@ -619,7 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="reference AutoMAE checkpoint (.pth or .safetensors)")
     parser.add_argument("--output_dir", required=True, help="folder to write (config.json + model.safetensors)")
-    parser.add_argument("--discriminator", default=None, help="reference discriminator state dict (optional)")
+    parser.add_argument(
+        "--discriminator",
+        default=None,
+        help="reference discriminator: its own state dict file, or a checkpoint holding it under 'discriminator' "
+        "(default: the --checkpoint file's 'discriminator' entry, if any)",
+    )
     parser.add_argument("--teacher_checkpoint", default=None, help="plain MAE checkpoint of the teacher (optional)")
     parser.add_argument(
         "--teacher_name_or_path",

@@ -407,7 +407,7 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["AutoMAEEmbeddings", "ViTMAELayer"]
     _can_record_outputs = {"hidden_states": ViTMAELayer, "attentions": ViTMAEAttention}
     # The score head and D compute in float32 in any case; keeping their weights there avoids bf16 round trips.
-    _keep_in_fp32_modules = ["score_head", "discriminator"]
+    _keep_in_fp32_modules_strict = ["score_head", "discriminator"]
     # An encoder or classifier loaded from a pretraining folder leaves these out on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mask_generator\.", r"^discriminator\."]
     # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (shared pitfalls §4).
@@ -522,6 +522,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
     base_model_prefix = "mask_generator"
     input_modalities = ("image",)
     _supports_sdpa = True
+    _keep_in_fp32_modules_strict = ["score_head"]
 
     def __init__(self, config: AutoMAEMaskGeneratorConfig):
         super().__init__(config)

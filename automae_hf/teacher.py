@@ -54,7 +54,7 @@ def _embed(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = embeddings.patch_embeddings(pixel_values)
         positions = embeddings.position_embeddings
         if interpolate:
-            positions = embeddings.interpolate_pos_encoding(patches.new_empty(1, patches.shape[1] + 1, 1), height, width)
+            positions = embeddings.interpolate_pos_encoding(patches[:1].new_empty(1, patches.shape[1] + 1, patches.shape[-1]), height, width)
         cls_token = (embeddings.cls_token + positions[:, :1]).expand(patches.shape[0], -1, -1)
         return torch.cat([cls_token, patches + positions[:, 1:]], dim=1)
     if model_type == "vit":

@@ -86,7 +86,7 @@ def build(args, which: tuple[str, ...]):
         built["automae"] = automae
         built["student_optimizer"] = torch.optim.AdamW(automae.student_parameters(), lr=1e-4, betas=(0.9, 0.95),
                                                        fused=True)  # as training/pretrain.py (--optim)
-        built["d_optimizer"] = torch.optim.Adam(automae.discriminator_parameters(), lr=1e-4, fused=True)
+        built["d_optimizer"] = torch.optim.Adam(automae.discriminator_parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
         with torch.no_grad(), autocast_of(args)():
             built["cached"] = automae.mask_generator.teacher_attention(built["pixel_values"]).half()  # stored fp16
     if "mae" in which:

@@ -364,3 +364,57 @@ def test_unexpected_missing_and_misshaped_keys(tmp_path):
 
     save_file({**student, "head.weight": torch.zeros(2)}, str(path))
     assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "o"), *HEAD_FLAGS]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released discriminator as it is saved
+# ---------------------------------------------------------------------------------------------------------------
+class ReferenceDiscriminatorRegisteredTwice(ReferenceDiscriminator):
+    """Like the released D: its first convolution also registered as `features.0`, so the state dict holds it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(self.conv1[0], self.conv1[1])
+
+
+def test_discriminator_with_its_first_conv_registered_twice_converts():
+    torch.manual_seed(0)
+    reference = ReferenceDiscriminatorRegisteredTwice().eval()
+    state = reference.state_dict()
+    assert {"features.0.weight_orig", "features.0.weight_u", "features.0.weight_v"} <= set(state)
+    converted = convert_discriminator_state_dict(state)
+    assert len(converted) == 9 and not any(k.startswith("features.") for k in converted)
+    tampered = {**state, "features.0.weight_orig": state["features.0.weight_orig"] + 1}
+    with pytest.raises(ValueError, match=r"features\.0\.weight_orig differs from conv1\.0\.weight_orig"):
+        convert_discriminator_state_dict(tampered)
+
+
+def test_discriminator_is_found_inside_a_combined_checkpoint(tmp_path):
+    reference_d = ReferenceDiscriminatorRegisteredTwice().eval()
+    combined = {"model": make_reference_state_dict(), "discriminator": reference_d.state_dict(), "epoch": 1}
+    torch.save(combined, tmp_path / "checkpoint-799.pth")
+    probs = torch.softmax(torch.randn(3, NUM_PATCHES, generator=torch.Generator().manual_seed(2)), dim=-1)
+    with torch.no_grad():
+        expected = reference_d(probs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        as_flag = convert_checkpoint(tmp_path / "checkpoint-799.pth", None, discriminator=tmp_path / "checkpoint-799.pth", **HEAD_ARGS)
+        by_default = convert_checkpoint(tmp_path / "checkpoint-799.pth", None, **HEAD_ARGS)
+    for model in (as_flag, by_default):
+        with torch.no_grad():
+            torch.testing.assert_close(model.discriminator.eval()(probs), expected, atol=1e-6, rtol=1e-5)
+
+
+class _RunsCode:
+    def __reduce__(self):  # a REDUCE of a blocked module's function, refused by weights_only
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_refused_pickles_name_the_reason_not_corruption(tmp_path):
+    path = tmp_path / "reduce.pth"
+    torch.save({"model": make_reference_state_dict(), "x": _RunsCode()}, path)
+    with pytest.raises(ValueError, match=r"never unpickled here for safety") as raised:
+        load_state_dict_file(path)
+    assert "corrupt" not in str(raised.value)

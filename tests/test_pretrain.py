@@ -256,6 +256,7 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
         for name in ("optimizer.bin", "optimizer_1.bin"):  # student, D
             state = torch.load(out / "checkpoints" / "step_2" / name, weights_only=True)
             assert all(bool(group["fused"]) == (optim == "adamw_torch_fused") for group in state["param_groups"])
+            assert all(tuple(group["betas"]) == (0.9, 0.95) for group in state["param_groups"])  # D too, as MAE
         weights[optim] = load_weights(out)
     fused, per_tensor = weights.values()
     worst = max((fused[k] - per_tensor[k]).abs().max().item() for k in fused)

@@ -824,7 +824,9 @@ def main(argv=None):
     discriminator = model.discriminator
     d_optimizer = None
     if discriminator is not None:
-        d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr, fused=fused)
+        # D: Adam with the student's betas (0.9, 0.95 by default), no weight decay, as the reference
+        d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                       fused=fused)
 
     # DDP: the student's DDP must not own D's parameters (they get no gradient from the student loss); D gets its own.
     if discriminator is not None:
