@@ -664,6 +664,11 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         self.post_init()
         self.refreeze()
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        # ViTMAEDecoder keeps a copy of the config made at construction: let it follow the switch.
+        self.decoder.config._attn_implementation = self.config._attn_implementation
+
     def refreeze(self) -> None:
         super().refreeze()
         if self.mask_generator is not None and self.config.masking != "learned":

@@ -44,6 +44,23 @@ def make_tiny_config(**overrides) -> AutoMAEConfig:
     return AutoMAEConfig(**{**TINY_ENCODER, **TINY_DECODER, **overrides})
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (minutes, or large downloads)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of CPU or a large download; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_config():
     """Factory fixture: `tiny_config(**overrides)` -> `AutoMAEConfig`."""

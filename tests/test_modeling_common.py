@@ -169,6 +169,11 @@ def test_eager_attention_is_what_runs_when_asked(monkeypatch):
         assert not calls
         build("encoder", attn_implementation="sdpa")(**inputs_for("encoder"))
         assert calls
+        calls.clear()
+        model = build("pretraining-random")  # encoder and decoder, switched after construction
+        model.set_attn_implementation("eager")
+        model(**inputs_for("pretraining-random"))
+        assert not calls
 
 
 # ---- gradient checkpointing -----------------------------------------------------------------------------------------
@@ -312,12 +317,15 @@ def test_encoder_compiles_with_fullgraph_at_inference():
         assert_outputs_close("encoder", compiled(**inputs), model(**inputs))
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]  # inductor: ~1 min of C++ builds
+)
+def test_compiled_training_step_matches_eager_without_graph_breaks(backend):
     inputs = inputs_for("pretraining-learned")
     losses, gradients = [], []
     for compile_it in (False, True):
         model = build("pretraining-learned").train()
-        step = torch.compile(model, backend="aot_eager") if compile_it else model
+        step = torch.compile(model, fullgraph=True, backend=backend) if compile_it else model
         output = step(**inputs)
         output.loss.backward()
         losses.append(output.loss.detach())
