@@ -46,11 +46,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-sys.path.insert(0, str(ROOT))
 
-from default_job import MODEL  # noqa: E402  (the main job's tiny ViT)
-from linear_probe import evaluate_features, extract_features  # noqa: E402
+from automae_hf.training.default_job import MODEL  # the main job's tiny ViT
+from automae_hf.training.probes import evaluate_features, extract_features
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")

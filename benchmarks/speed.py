@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from transformers import ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
 from transformers.utils import logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from automae_hf import AutoMAEConfig, AutoMAEForPreTraining, AutoMAEModel  # noqa: E402
+from automae_hf import AutoMAEConfig, AutoMAEForPreTraining, AutoMAEModel
 
 logging.set_verbosity_error()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Make `automae_hf` importable from the checkout without installing it.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import automae_hf  # noqa: E402  (registers the Auto classes)
-from automae_hf import AutoMAEConfig  # noqa: E402
+import automae_hf  # noqa: F401  (registers the Auto classes; scripts/setup.sh installs the package)
+from automae_hf import AutoMAEConfig
 
 TINY_ENCODER = dict(
     hidden_size=32,

@@ -4,19 +4,15 @@ fused qkv) and an old-API spectral-norm discriminator."""
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from automae_hf import AutoMAEForPreTraining  # noqa: E402
-from automae_hf.convert_reference_checkpoint import (  # noqa: E402
+from automae_hf import AutoMAEForPreTraining
+from automae_hf.convert_reference_checkpoint import (
     convert_checkpoint,
     convert_discriminator_state_dict,
     convert_reference_state_dict,

@@ -22,13 +22,12 @@ from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING = REPO_ROOT / "training"
-sys.path.insert(0, str(TRAINING))
 
-import export_encoder  # noqa: E402
-import finetune  # noqa: E402
-import hub  # noqa: E402
-import model_card  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers.utils import logging as hf_logging
+
+from automae_hf.training import export as export_encoder
+from automae_hf.training import finetuning as finetune
+from automae_hf.training import hub, model_card
 
 hf_logging.set_verbosity_error()
 
@@ -499,7 +498,7 @@ def test_push_dry_run_lists_files_and_sizes(exported, capsys):
 # 7. Pictures: mask probability heatmap, sampled mask, reconstruction
 # ----------------------------------------------------------------------------------------------------------------
 def test_norm_pix_reconstruction_is_unnormalised_with_the_target_patch_statistics(pretrained):
-    import visualize
+    from automae_hf.training import visualization as visualize
     from automae_hf import AutoMAEForPreTraining
 
     model = AutoMAEForPreTraining.from_pretrained(str(pretrained)).eval()
@@ -519,7 +518,7 @@ def test_norm_pix_reconstruction_is_unnormalised_with_the_target_patch_statistic
 
 
 def test_visualize_command_writes_one_png_per_image(pretrained, tmp_path):
-    import visualize
+    from automae_hf.training import visualization as visualize
 
     files = []
     for i, mode in enumerate(("RGB", "L")):

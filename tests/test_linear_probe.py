@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from linear_probe import (  # noqa: E402
+from automae_hf.training.probes import (
     evaluate_features,
     extract_features,
     few_shot_indices,

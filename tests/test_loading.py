@@ -141,7 +141,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     import importlib.abc, json, sys
 
     class _BlockAutoMAE(importlib.abc.MetaPathFinder):
-        # Even where `pip install -e .` put the package on sys.path, it must not be importable here.
+        # Even where `pip install -e .` made the package importable, it must not be importable here.
         def find_spec(self, name, path=None, target=None):
             if name == "automae_hf" or name.startswith("automae_hf."):
                 raise ImportError("automae_hf is blocked in this process")

@@ -203,8 +203,7 @@ def test_save_load_round_trip(masking, tmp_path):
 def test_boxes_follow_crop_and_flip():
     from PIL import Image
 
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    from pretrain import mae_augment, read_boxes, transform_boxes
+    from automae_hf.training.data import mae_augment, read_boxes, transform_boxes
 
     array = np.zeros((60, 80, 3), np.uint8)
     array[10:40, 30:70] = 255  # x 30..70, y 10..40

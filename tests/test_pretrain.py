@@ -161,8 +161,7 @@ def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
     partial = checkpoints / ".tmp-step_4"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_4", "step_2"]
     (partial / "model.safetensors").write_bytes(b"truncated")  # as if cut off mid-file
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    from pretrain import latest_checkpoint
+    from automae_hf.training.checkpointing import latest_checkpoint
 
     assert latest_checkpoint(checkpoints).name == "step_2"
     # 3. resumed again to the end: the same weights and loss as the uninterrupted run
@@ -200,8 +199,7 @@ def test_two_process_cpu_ddp_ranks_agree(data_dir, tmp_path):
 
 
 def test_crop_attention_follows_the_image_crop_and_flip():
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    from pretrain import crop_attention
+    from automae_hf.training.data import crop_attention
 
     rows, columns = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
     ramp = np.stack([columns, rows]).astype(np.float32)  # channel 0: column index, channel 1: row index
@@ -230,8 +228,7 @@ def test_cached_teacher_attention_mode(data_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["reference", *sorted(set(AUTOMAE_PRESETS) - {"reference"})])
 def test_preset_sets_the_knobs_and_explicit_settings_win(name):
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    import pretrain
+    from automae_hf.training import pretraining as pretrain
 
     parser = pretrain.build_parser()
     args = parser.parse_args(["--output_dir", "unused", "--preset", name, "--teacher_name_or_path", "self",

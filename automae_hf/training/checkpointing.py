@@ -1,0 +1,57 @@
+"""Training state saved atomically: `accelerate.save_state` into a temporary folder renamed to `step_N`, so a run
+killed at any moment resumes from the last complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class TrainState:
+    """Step counter (and skip count) saved by accelerate's `save_state` via `register_for_checkpointing`."""
+
+    def __init__(self):
+        self.completed_steps = 0
+        self.skipped_images = 0
+
+    def state_dict(self):
+        return {"completed_steps": self.completed_steps, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state):
+        self.completed_steps = int(state["completed_steps"])
+        self.skipped_images = int(state.get("skipped_images", 0))
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The complete `step_N` folder with the largest N (temporary folders of interrupted saves are ignored)."""
+    if not checkpoint_root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in checkpoint_root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False) -> Path:
+    """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
+    previous checkpoint as `latest`. `kill_before_commit` (tests) dies by SIGKILL between the write and the rename."""
+    final = checkpoint_root / f"step_{step}"
+    tmp = checkpoint_root / f".tmp-step_{step}"
+    if accelerator.is_main_process:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if kill_before_commit:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,618 @@
+#!/usr/bin/env python
+"""AutoMAE pretraining with Accelerate over Hugging Face datasets (issue 3).
+
+The same script runs with `python training/pretrain.py ...` (one process: CPU or one GPU) and
+`accelerate launch training/pretrain.py ...` (DDP on CPU/GPUs/nodes, mixed precision, gradient accumulation).
+
+One iteration (shared doc §3): teacher attention once (no grad) -> discriminator step (Adam) -> student + score-head
+step (AdamW, betas 0.9/0.95, no weight decay on biases, norms, tokens). Warm-up + cosine schedule per optimizer step,
+lr = base_learning_rate * effective batch / 256.
+
+Examples:
+    python training/pretrain.py --train_dir /data/images --output_dir out --image_size 32 \
+        --config_overrides "hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,patch_size=4"
+    accelerate launch --num_processes 2 training/pretrain.py --dataset_name cifar10 --output_dir out ...
+    python training/pretrain.py ... --teacher_name_or_path none       # plain MAE (the baseline)
+    python training/pretrain.py ... --teacher_name_or_path self       # teacher-free: the student's own attention
+    python training/pretrain.py ... --masking box_prior               # boxes from an `objects`/`bbox` column
+    python training/pretrain.py ... --masking attention --teacher_name_or_path facebook/vit-mae-base  # AttMask high
+    python training/pretrain.py ... --resume_from_checkpoint latest   # continue a killed run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+from ..configuration_automae import MASKING_STRATEGIES as MASKING_CHOICES
+from .checkpointing import TrainState, latest_checkpoint, save_checkpoint
+from .data import (
+    DATA_BOX_FORMATS,
+    IMAGE_COLUMN_CANDIDATES,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    MapImageDataset,
+    add_teacher_attention,
+    collate,
+    load_images,
+    make_stream_transform,
+    one_line,
+)
+from .pictures import save_image_grid
+
+logger = logging.getLogger("automae.pretrain")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="AutoMAE pretraining (learned masks from a frozen ViT teacher + adversarial box prior).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset_name", default=None,
+                   help="Hub data set name, or a local folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.")
+    d.add_argument("--dataset_config_name", default=None, help="Configuration name of the Hub data set.")
+    d.add_argument("--dataset_split", default="train", help="Split to train on.")
+    d.add_argument("--train_dir", default=None, help="A local image folder (loaded with the `imagefolder` builder).")
+    d.add_argument("--image_column_name", default=None,
+                   help=f"Column holding the images; detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
+    d.add_argument("--streaming", action="store_true", help="Stream the data set (needs --max_train_steps).")
+    d.add_argument("--max_train_samples", type=int, default=None, help="Truncate the training set (debugging).")
+    d.add_argument("--dataloader_num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes (decoding and augmentation happen in the workers).")
+    d.add_argument("--box_column_name", default=None,
+                   help="--masking box_prior: column holding each image's boxes; detected when unset: `objects` (with "
+                        "a `bbox` sub-field, HF's detection convention) or `bbox`. Several boxes per image.")
+    d.add_argument("--box_format", choices=DATA_BOX_FORMATS, default="xywh",
+                   help="Coordinates of the data set's boxes, relative to the original image: COCO (x, y, width, "
+                        "height) pixels as in HF `objects`/`bbox` columns, (x_min, y_min, x_max, y_max) pixels, or the "
+                        "latter normalised to [0, 1]. They follow the crop and flip of the augmentation.")
+    d.add_argument("--image_size", type=int, default=None, help="Training resolution (overrides the config's image_size).")
+    d.add_argument("--cache_dir", default=None, help="Where downloaded data sets and models are cached.")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model_name_or_path", default=None,
+                   help="Start from this checkpoint (AutoMAE or ViTMAE folder / Hub id); random init when unset.")
+    m.add_argument("--config_name", default=None, help="Config (folder / Hub id) for a model trained from scratch.")
+    m.add_argument("--preset", default=None,
+                   help="Named setting of AutoMAE's mask-learning knobs (automae_hf.AUTOMAE_PRESETS: "
+                        f"{', '.join(preset_names())}); --config_overrides and explicit flags apply on top.")
+    m.add_argument("--config_overrides", default=None,
+                   help='Comma-separated config overrides, e.g. "hidden_size=64,num_hidden_layers=2".')
+    m.add_argument("--image_processor_name", default=None, help="Image processor (mean/std); default: the model's or MAE's.")
+    m.add_argument("--mask_ratio", type=float, default=None, help="Fraction of masked patches (config default 0.75).")
+    m.add_argument("--norm_pix_loss", action="store_true", help="Reconstruct per-patch normalised pixels (MAE's norm-pix).")
+    m.add_argument("--mask_factor", type=float, default=None, help="AutoMAE beta: noise raise on the learned top-K (0.5).")
+    m.add_argument("--adversarial_weight", type=float, default=None, help="AutoMAE lambda: weight of L_G (0.2).")
+    m.add_argument("--masking", choices=MASKING_CHOICES, default=None,
+                   help="How masks are chosen: 'learned' (AutoMAE), 'random' (plain MAE), 'box_prior' (boxes of the "
+                        "data set raise the masking noise of the patches they cover by --mask_factor), 'attention' "
+                        "(the teacher's most-attended patches, AttMask 'high'). Unset: the checkpoint's / config's "
+                        "value ('learned'), or 'random' with --teacher_name_or_path none.")
+    m.add_argument("--attention_hint_ratio", type=float, default=None,
+                   help="--masking attention: share of the masked top patches revealed again at random (0).")
+    m.add_argument("--cache_teacher_attention", action="store_true",
+                   help="Compute the teacher's attention maps once per image before training (a `datasets.map` pass, "
+                        "stored as float16) and crop/flip them with the same random resized crop and flip as the "
+                        "image, so the teacher costs nothing per step. Needs a fixed teacher (not 'self', not "
+                        "streaming).")
+    m.add_argument("--teacher_name_or_path", default=None,
+                   help="Frozen ViT-family teacher (Hub id or folder of a ViT / ViTMAE / DINOv2 checkpoint); "
+                        "'none' trains plain MAE with random masks (the baseline); 'self' is teacher-free: the "
+                        "student's own last-layer CLS attention, without gradient. Unset: the checkpoint's teacher "
+                        "(or 'self' when training from scratch).")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--output_dir", required=True, help="Where checkpoints, images, logs and the final model go.")
+    t.add_argument("--per_device_train_batch_size", type=int, default=64, help="Batch size per process.")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    t.add_argument("--num_train_epochs", type=float, default=800, help="Epochs (ignored when --max_train_steps is set).")
+    t.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
+    t.add_argument("--base_learning_rate", type=float, default=1.5e-4,
+                   help="lr = base_learning_rate * per_device batch * accumulation * processes / 256.")
+    t.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens).")
+    t.add_argument("--warmup_epochs", type=float, default=40, help="Linear warm-up length in epochs, then cosine to 0.")
+    t.add_argument("--warmup_steps", type=int, default=None, help="Warm-up in optimizer steps (overrides epochs).")
+    t.add_argument("--adam_beta1", type=float, default=0.9)
+    t.add_argument("--adam_beta2", type=float, default=0.95)
+    t.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
+                   help="As TrainingArguments.optim: the fused kernels (default) or per-tensor AdamW (devices without "
+                   "fused Adam, e.g. XLA). D's Adam follows.")
+    t.add_argument("--seed", type=int, default=0, help="Random seed (data order, augmentation, masks, init).")
+    t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="Mixed precision (default: whatever `accelerate launch` / its config says).")
+    t.add_argument("--checkpointing_steps", default=None,
+                   help="Save the full training state every N optimizer steps, or 'epoch'. A final state is always saved.")
+    t.add_argument("--resume_from_checkpoint", default=None,
+                   help="A checkpoint folder, or 'latest' for the newest complete one under output_dir/checkpoints.")
+
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--with_tracking", action="store_true", help="Log metrics through accelerate's trackers.")
+    lg.add_argument("--report_to", default="tensorboard", help="Tracker(s) for --with_tracking: tensorboard, wandb, all, ...")
+    lg.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N optimizer steps.")
+    lg.add_argument("--image_log_steps", type=int, default=0,
+                    help="Save a PNG grid every N steps (image, the strategy's guide: box patches / teacher attention / "
+                         "mask probability, the mask, the reconstruction); 0: off.")
+    lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
+    lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    lg.add_argument("--debug_kill_during_checkpoint", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_overrides(text: str | None, parser: argparse.ArgumentParser) -> dict:
+    out = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            parser.error(f"--config_overrides: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = {"True": True, "False": False, "None": None}.get(value, value)
+        out[key] = parsed
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    from automae_hf.configuration_automae import AUTOMAE_PRESETS
+
+    return sorted(AUTOMAE_PRESETS)
+
+
+def build_model(args, parser):
+    from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
+    from automae_hf.configuration_automae import AUTOMAE_PRESETS
+
+    overrides = {}
+    if args.preset is not None:
+        if args.preset not in AUTOMAE_PRESETS:
+            parser.error(f"--preset {args.preset!r}: expected one of {preset_names()}")
+        overrides.update(AUTOMAE_PRESETS[args.preset])
+    overrides.update(parse_overrides(args.config_overrides, parser))
+    for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size", "attention_hint_ratio"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.norm_pix_loss:
+        overrides["norm_pix_loss"] = True
+    teacher = args.teacher_name_or_path
+    if teacher is not None and teacher.lower() == "none":  # the historical spelling of plain MAE
+        if args.masking not in (None, "random", "box_prior"):
+            parser.error(f"--masking {args.masking} needs a teacher; --teacher_name_or_path none means random masking")
+        overrides["masking"] = args.masking or "random"
+    elif args.masking is not None:
+        overrides["masking"] = args.masking
+        if args.masking in ("random", "box_prior") and teacher is not None:
+            logger.warning("--masking %s uses no teacher: --teacher_name_or_path %s is ignored", args.masking, teacher)
+            teacher = None
+    try:
+        if args.model_name_or_path:
+            base = AutoMAEConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
+        elif args.config_name:
+            base = AutoMAEConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir)
+        else:
+            base = AutoMAEConfig()
+        values = base.to_dict()
+        unknown = [k for k in overrides if k not in values and not hasattr(base, k)]
+        if unknown:
+            parser.error(f"--config_overrides: unknown config field(s) {unknown}")
+        values.update(overrides)
+        for key in ("transformers_version", "model_type", "architectures", "auto_map"):
+            values.pop(key, None)
+        if "hidden_size" in overrides or "num_attention_heads" in overrides:
+            if not (base.teacher_config and "teacher_config" in overrides):
+                values["teacher_config"] = None if not args.model_name_or_path else values.get("teacher_config")
+        if teacher is not None and teacher.lower() not in ("none", "self") and values.get("masking") in (
+            "learned", "attention"
+        ):
+            # The score head is sized by the teacher's heads: build it from the teacher's own config.
+            from transformers import AutoConfig
+
+            try:
+                teacher_config = AutoConfig.from_pretrained(teacher, cache_dir=args.cache_dir).to_dict()
+            except Exception as error:  # noqa: BLE001
+                parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
+            values["teacher_config"] = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+        config = AutoMAEConfig(**values)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"impossible model config: {one_line(error)}")
+    try:
+        if args.model_name_or_path:
+            model = AutoMAEForPreTraining.from_pretrained(args.model_name_or_path, config=config, cache_dir=args.cache_dir)
+        else:
+            model = AutoMAEForPreTraining(config)
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"cannot build the model: {one_line(error)}")
+
+    mode = "none" if config.masking in ("random", "box_prior") else "teacher"
+    if mode == "teacher":
+        if teacher is None:
+            if not config.teacher_name_or_path:
+                logger.warning("No --teacher_name_or_path: teacher-free mode (the student's own attention).")
+                mode = "self"
+        elif teacher.lower() == "self":
+            mode = "self"
+        else:
+            try:
+                model.load_teacher(teacher, cache_dir=args.cache_dir)
+            except Exception as error:  # noqa: BLE001
+                parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
+    return model, mode
+
+
+def student_param_groups(model, weight_decay: float):
+    student_ids = {id(p) for p in model.student_parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if id(param) not in student_ids:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name or "position" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
+
+    if args.streaming and args.cache_teacher_attention:
+        parser.error("--cache_teacher_attention needs a map-style data set, not --streaming")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no length)")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+
+    import transformers
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration, set_seed
+    try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:
+        from transformers import ViTImageProcessor
+
+    from automae_hf.masking import mask_entropy
+    from automae_hf.teacher import resize_attention, teacher_cls_attention
+
+    output_dir = Path(args.output_dir)
+    accelerator_kwargs = dict(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # Streaming: every process reads its own batches (undecodable images make them uneven).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                  dispatch_batches=False if args.streaming else None),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if args.mixed_precision is not None:
+        accelerator_kwargs["mixed_precision"] = args.mixed_precision
+    if args.with_tracking:
+        accelerator_kwargs["log_with"] = args.report_to
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP over gloo on the CPU
+    # (`accelerate launch --cpu` alone starts a single process unless run under mpirun).
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    ):
+        accelerator_kwargs["cpu"] = True
+    accelerator = Accelerator(**accelerator_kwargs)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        logger.setLevel(logging.ERROR)
+    set_seed(args.seed)
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    model, teacher_mode = build_model(args, parser)
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    pil_mode = {1: "L", 3: "RGB"}.get(config.num_channels)
+    if pil_mode is None:
+        parser.error(f"num_channels={config.num_channels}: only 1 (grayscale) or 3 (RGB) images are supported")
+    processor = None
+    for source in (args.image_processor_name, args.model_name_or_path):
+        if source:
+            try:
+                processor = ViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir)
+                break
+            except Exception:  # noqa: BLE001
+                pass
+    mean0, std0 = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    if processor is None:
+        if config.num_channels == 1:
+            mean0, std0 = (float(np.mean(mean0)),), (float(np.mean(std0)),)
+        processor = ViTImageProcessor(image_mean=list(mean0), image_std=list(std0), size={"height": size, "width": size})
+    processor.size = {"height": size, "width": size}
+    mean = list(processor.image_mean)[: config.num_channels] if len(processor.image_mean) >= config.num_channels else [processor.image_mean[0]] * config.num_channels
+    std = list(processor.image_std)[: config.num_channels] if len(processor.image_std) >= config.num_channels else [processor.image_std[0]] * config.num_channels
+
+    with accelerator.main_process_first():
+        hf_data, column, box_column = load_images(args, parser, with_boxes=config.masking == "box_prior")
+    if args.streaming:
+        train_dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode, box_column, args.box_format),
+                                    remove_columns=[column] + ([box_column] if box_column else []))
+    else:
+        if len(hf_data) == 0:
+            parser.error("the training set is empty")
+        if args.cache_teacher_attention:
+            if teacher_mode != "teacher":
+                parser.error("--cache_teacher_attention needs a fixed teacher (--teacher_name_or_path PATH; not "
+                             "'self' or 'none')")
+            generator_module = model.mask_generator.to(accelerator.device)
+            with accelerator.main_process_first():
+                hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
+                                                generator_module.teacher_attention, 256, accelerator.device)
+        train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column,
+                                        args.box_format)
+    loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
+                         num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+                         persistent_workers=False)
+    if args.dataloader_num_workers > 0:
+        loader_kwargs["prefetch_factor"] = 4
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
+
+    # ---- optimizers and schedules --------------------------------------------------------------------------
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    lr = args.base_learning_rate * effective_batch / 256
+    # fused (the Trainer's default): one kernel per step instead of one per tensor, 4x faster on a tiny CPU model
+    fused = args.optim == "adamw_torch_fused"
+    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay), lr=lr,
+                                          betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+    discriminator = model.discriminator
+    d_optimizer = None
+    if discriminator is not None:
+        # D: Adam with the student's betas (0.9, 0.95 by default), no weight decay, as the reference
+        d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                       fused=fused)
+
+    # DDP: the student's DDP must not own D's parameters (they get no gradient from the student loss); D gets its own.
+    if discriminator is not None:
+        ignore = [n for n, _ in model.named_parameters() if n.startswith("discriminator.")]
+        ignore += [n for n, _ in model.named_buffers() if n.startswith("discriminator.")]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+
+    if discriminator is not None:
+        model, discriminator, student_optimizer, d_optimizer, train_dataloader = accelerator.prepare(
+            model, discriminator, student_optimizer, d_optimizer, train_dataloader)
+    else:
+        model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
+    unwrapped = accelerator.unwrap_model(model)
+
+    if args.streaming:
+        steps_per_epoch = None
+        max_train_steps = args.max_train_steps
+        num_epochs = 10**9
+    else:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.warmup_steps is not None:
+        warmup_steps = args.warmup_steps
+    else:
+        warmup_steps = int(round(args.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
+    warmup_steps = min(warmup_steps, max_train_steps)
+    # Not prepared: stepped by hand once per optimizer step (a prepared scheduler steps num_processes times).
+    student_scheduler = transformers.get_cosine_schedule_with_warmup(student_optimizer.optimizer if hasattr(student_optimizer, "optimizer") else student_optimizer, warmup_steps, max_train_steps)
+    d_scheduler = (transformers.get_cosine_schedule_with_warmup(d_optimizer.optimizer if hasattr(d_optimizer, "optimizer") else d_optimizer, warmup_steps, max_train_steps)
+                   if d_optimizer is not None else None)
+
+    # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
+    # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
+    noise_generator = torch.Generator(device=accelerator.device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, student_scheduler)
+    if d_scheduler is not None:
+        accelerator.register_for_checkpointing(d_scheduler)
+
+    checkpoint_root = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "images").mkdir(exist_ok=True)
+        for stale in checkpoint_root.glob(".tmp-step_*") if checkpoint_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    if args.with_tracking:
+        accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                       for k, v in vars(args).items()})
+
+    if args.resume_from_checkpoint:
+        path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
+                else Path(args.resume_from_checkpoint))
+        if path is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint under %s, starting fresh", checkpoint_root)
+        elif not path.is_dir():
+            parser.error(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+    start_step = state.completed_steps
+    start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
+    skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
+
+    logger.info("AutoMAE pretraining: masking=%s, teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch %d), "
+                "%d processes", config.masking, teacher_mode, len(train_dataset) if not args.streaming else -1, max_train_steps, lr,
+                effective_batch, accelerator.num_processes)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process,
+                    desc="pretrain", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
+    log_file = open(output_dir / "train_log.jsonl", "a") if accelerator.is_main_process else None
+    grid = config.grid_size
+    model.train()
+    if discriminator is not None:
+        discriminator.train()
+
+    def get_teacher_attention(pixel_values):
+        with torch.no_grad(), accelerator.autocast():
+            if teacher_mode == "self":
+                was_training = unwrapped.vit.training
+                unwrapped.vit.eval()
+                attention = resize_attention(teacher_cls_attention(unwrapped.vit, pixel_values), grid)
+                unwrapped.vit.train(was_training)
+                return attention.float()
+            return unwrapped.mask_generator.teacher_attention(pixel_values).float()
+
+    def discriminator_step(attention):
+        """The D step, through the DDP-wrapped D (real and fake in one call, so its gradients sync)."""
+        output = unwrapped.discriminator_loss(
+            teacher_attention=attention, generator=noise_generator, discriminator=discriminator
+        )
+        accelerator.backward(output.loss)
+        d_optimizer.step()
+        d_optimizer.zero_grad(set_to_none=True)
+        return output.loss.detach(), output.real_accuracy, output.fake_accuracy
+
+    completed = start_step
+    window_images, window_start = 0, time.perf_counter()
+    sums: dict[str, float] = {}
+    sum_count = 0
+    micro_in_step = 0
+    last_saved = None
+    done = completed >= max_train_steps
+    epoch = start_epoch
+    while not done and epoch < num_epochs:
+        if hasattr(train_dataset, "set_epoch"):
+            train_dataset.set_epoch(epoch)
+        if hasattr(train_dataloader, "set_epoch"):
+            train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == start_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in loader:
+            skipped = int(batch["skipped"])
+            state.skipped_images += skipped
+            pixel_values = batch["pixel_values"]
+            if pixel_values is None:  # only possible when streaming: a whole batch undecodable
+                continue
+            micro_index = completed * args.gradient_accumulation_steps + micro_in_step
+            noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
+            with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
+                metrics = {}
+                if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
+                    attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
+                else:
+                    attention = get_teacher_attention(pixel_values) if teacher_mode != "none" else None
+                if discriminator is not None:
+                    d_loss, real_acc, fake_acc = discriminator_step(attention)
+                    metrics.update(d_loss=d_loss, d_real_accuracy=real_acc, d_fake_accuracy=fake_acc)
+                boxes = batch.get("boxes") if config.masking == "box_prior" else None
+                box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
+                output = model(pixel_values, teacher_attention=attention, generator=noise_generator, **box_kwargs)
+                accelerator.backward(output.loss)
+                student_optimizer.step()
+                student_optimizer.zero_grad(set_to_none=True)
+                metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
+                if output.generator_loss is not None:
+                    metrics["generator_loss"] = output.generator_loss.detach()
+                if output.mask_probs is not None:
+                    metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+            window_images += pixel_values.shape[0]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            sum_count += 1
+            micro_in_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro_in_step = 0
+
+            student_scheduler.step()
+            if d_scheduler is not None:
+                d_scheduler.step()
+            completed += 1
+            state.completed_steps = completed
+            progress.update(1)
+
+            if completed % args.logging_steps == 0 or completed == max_train_steps:
+                stats = torch.tensor([window_images, state.skipped_images], device=accelerator.device, dtype=torch.float64)
+                stats = accelerator.reduce(stats, reduction="sum")
+                elapsed = time.perf_counter() - window_start
+                log = {k: v / sum_count for k, v in sums.items()}
+                log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
+                           skipped_images=int(stats[1]), epoch=epoch, step=completed)
+                progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
+                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")},
+                                     refresh=False)
+                if args.with_tracking:
+                    accelerator.log(log, step=completed)
+                if log_file is not None:
+                    log_file.write(json.dumps(log) + "\n")
+                    log_file.flush()
+                sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
+
+            if args.image_log_steps and completed % args.image_log_steps == 0 and accelerator.is_main_process:
+                save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, pixel_values,
+                                output, mean, std, boxes=batch.get("boxes"))
+
+            if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
+                    and completed < max_train_steps):
+                save_checkpoint(accelerator, checkpoint_root, completed,
+                                kill_before_commit=args.debug_kill_during_checkpoint == completed)
+                last_saved = completed
+            if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
+                import signal  # tests: die like a preempted job (SIGKILL, no cleanup)
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if completed >= max_train_steps:
+                done = True
+                break
+        if args.checkpointing_steps == "epoch" and not done:
+            save_checkpoint(accelerator, checkpoint_root, completed)
+            last_saved = completed
+        epoch += 1
+    progress.close()
+
+    if last_saved != completed:
+        save_checkpoint(accelerator, checkpoint_root, completed)
+    accelerator.wait_for_everyone()
+    total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
+    if args.debug_dump_weights:
+        torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+                   output_dir / f"weights_rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
+        processor.save_pretrained(str(output_dir))
+        summary = {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
+                   "teacher_name_or_path": args.teacher_name_or_path, "output_dir": str(output_dir),
+                   "dataset_name": args.dataset_name or args.train_dir, "dataset_config_name": args.dataset_config_name,
+                   "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
+                   "mask_factor": config.mask_factor, "masking": config.masking,
+                   "box_column_name": box_column, "box_format": args.box_format if box_column else None}
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
+    if log_file is not None:
+        log_file.close()
+    if args.with_tracking:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
