@@ -7,17 +7,17 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-# How the masked patches are chosen (issue 6). "learned": AutoMAE; "random": plain MAE with the same code (no
-# teacher, generator or discriminator built or run); "box_prior": per-image boxes raise the noise of the patches they
-# cover (the paper's pilot; no teacher); "attention": the frozen teacher's most-attended patches are masked (AttMask
-# "high"; teacher only, no score-head training, no discriminator).
-MASKING_STRATEGIES = ("learned", "random", "box_prior", "attention")
-# Coordinates of the boxes of `masking="box_prior"`: pixels (x_min, y_min, x_max, y_max), the same in [0, 1], or
-# COCO (x_min, y_min, width, height) pixels as in HF `objects` / `bbox` columns.
-BOX_FORMATS = ("xyxy", "xyxy_normalized", "xywh")
-# Teacher families whose attention the mask generator knows how to read (see `teacher.py`).
-# "automae": an encoder trained with this package (e.g. the random-masking MAE of the reference recipe).
-SUPPORTED_TEACHER_TYPES = ("vit_mae", "vit", "dinov2", "automae")
+from .masking import BOX_FORMATS
+from .masking import MASKING_STRATEGIES as MASKING_STRATEGY_REGISTRY
+from .teacher import TEACHER_FAMILIES
+
+# How the masked patches are chosen: the names of `masking.MASKING_STRATEGIES` ("learned": AutoMAE; "random": plain
+# MAE; "box_prior": the paper's pilot with given boxes; "attention": AttMask "high").
+MASKING_STRATEGIES = tuple(MASKING_STRATEGY_REGISTRY)
+# The teacher-free setting: the student's own last-layer CLS attention (no gradient) guides the mask.
+TEACHER_SELF = "self"
+# Teacher families whose attention the mask generator reads (`teacher.TEACHER_FAMILIES`), plus "self".
+SUPPORTED_TEACHER_TYPES = tuple(TEACHER_FAMILIES) + (TEACHER_SELF,)
 # ViT encoder fields that describe the student's architecture; the default teacher copies them.
 ENCODER_ARCHITECTURE_FIELDS = (
     "hidden_size",
@@ -37,7 +37,7 @@ ENCODER_ARCHITECTURE_FIELDS = (
 
 
 # Every Auto class one folder loads with, written into the config so that `trust_remote_code` works through each
-# of them (save_pretrained alone records only the saving class; shared pitfalls §7).
+# of them (save_pretrained alone records only the saving class; docs/pitfalls.md §7).
 AUTOMAE_AUTO_MAP = {
     "AutoConfig": "configuration_automae.AutoMAEConfig",
     "AutoModel": "modeling_automae.AutoMAEModel",
@@ -51,7 +51,7 @@ MASK_GENERATOR_AUTO_MAP = {
 
 
 # Named settings of the knobs that decide how the mask is learned, for `training/pretrain.py --preset NAME` or
-# `AutoMAEConfig(**AUTOMAE_PRESETS[NAME], ...)`. Measured side by side in benchmarks/RESULTS.md (issue 5, item 3).
+# `AutoMAEConfig(**AUTOMAE_PRESETS[NAME], ...)`. Measured side by side in benchmarks/RESULTS.md (the knob ablation).
 AUTOMAE_PRESETS = {
     # The released code's settings, which are also the config's defaults.
     "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
@@ -262,8 +262,16 @@ class AutoMAEConfig(PreTrainedConfig):
         rows, columns = self.grid_size
         return rows * columns
 
+    @property
+    def teacher_is_self(self) -> bool:
+        """Teacher-free: the student's own attention guides the mask (`teacher_name_or_path="self"`)."""
+        return self.teacher_name_or_path == TEACHER_SELF
+
     def default_teacher_config(self) -> dict:
-        """The teacher's config dict: `teacher_config`, or a ViTMAE encoder shaped like the student."""
+        """The teacher's config dict: `teacher_config`, or a ViTMAE encoder shaped like the student (only its head
+        count when the teacher is the student itself)."""
+        if self.teacher_is_self:
+            return {"model_type": TEACHER_SELF, "num_attention_heads": self.num_attention_heads}
         if self.teacher_config is not None:
             return dict(self.teacher_config)
         fields = {name: getattr(self, name) for name in ENCODER_ARCHITECTURE_FIELDS}

@@ -1,6 +1,6 @@
 """Converts the released AutoMAE checkpoints (MAE code-base layout) into an `AutoMAEForPreTraining` folder.
 
-Reference layout (shared doc §6): a dict whose "model" entry is the student's state dict (`patch_embed.proj.*`,
+Reference layout (docs/method.md §6): a dict whose "model" entry is the student's state dict (`patch_embed.proj.*`,
 `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`,
 `decoder_embed.*`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.N.*`, `decoder_norm.*`, `decoder_pred.*`,
 and the score head `scorer_pred.main.{0,2}.*`), the fused `attn.qkv` being [q; k; v] on the output dimension.
@@ -31,7 +31,7 @@ from .modeling_automae import AutoMAEForPreTraining
 REFERENCE_LAYER_NORM_EPS = 1e-6
 # Head counts of the standard ViT widths, only to warn when --num_attention_heads looks wrong.
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-# The reference discriminator only runs on a 14x14 grid (shared doc §1).
+# The reference discriminator only runs on a 14x14 grid (docs/method.md §1).
 REFERENCE_DISCRIMINATOR_GRID = (14, 14)
 _MAX_LISTED = 8
 

@@ -1,4 +1,4 @@
-"""The sampling half of AutoMAE (shared doc §1-2): Gumbel-Softmax over patches, straight-through top-K, the
+"""The sampling half of AutoMAE (docs/method.md §1-2): Gumbel-Softmax over patches, straight-through top-K, the
 beta-raised MAE noise, MAE's argsort masking, and the pseudo-real box prior that the discriminator learns from.
 
 Pure tensor functions, vectorised on the input's device; randomness comes from an optional `torch.Generator`
@@ -8,8 +8,14 @@ or is injected (`noise`, `gumbel_noise`), so every step can be reproduced in tes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def gumbel_softmax_sample(
@@ -38,7 +44,7 @@ def gumbel_softmax_sample(
 def straight_through_topk(probs: torch.Tensor, k: int) -> torch.Tensor:
     """`[B, L]` one-hot of the k largest entries of `probs` in the forward pass, identity gradient to `probs`.
 
-    Written as `hard + (p - p.detach())` so the forward value is exactly 0/1 (shared pitfalls §12).
+    Written as `hard + (p - p.detach())` so the forward value is exactly 0/1 (docs/pitfalls.md §12).
     """
     top = probs.detach().topk(k, dim=-1).indices
     hard = torch.zeros_like(probs).scatter_(-1, top, 1.0)
@@ -114,7 +120,7 @@ def sample_box_prior(
     return probs
 
 
-# ---- masking strategies other than the learned one (issue 6) --------------------------------------------------------
+# ---- masking strategies other than the learned one (docs/method.md §7) -----------------------------------------------
 BOX_FORMATS = ("xyxy", "xyxy_normalized", "xywh")
 
 
@@ -229,8 +235,116 @@ def max_entropy(num_patches: int) -> float:
     return math.log(num_patches)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Masking strategies: the one registry. A new strategy is one `register_masking_strategy` call (and its test);
+# the config validates against it, the model builds and calls what it declares, pretraining and pictures follow.
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskingInputs:
+    """What a strategy may read to choose one batch's mask (`model` is the `AutoMAEForPreTraining`)."""
+
+    model: Any
+    pixel_values: torch.Tensor
+    grid: tuple[int, int]
+    num_visible: int
+    noise: torch.Tensor | None = None
+    gumbel_noise: torch.Tensor | None = None
+    teacher_attention: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    boxes: Any = None
+    box_format: str | None = None
+
+    def noise_or_draw(self) -> torch.Tensor:
+        """MAE's `[B, L]` U(0, 1) noise: the given one, or a fresh draw from `generator`."""
+        if self.noise is not None:
+            return self.noise
+        shape = (self.pixel_values.shape[0], self.grid[0] * self.grid[1])
+        return torch.rand(*shape, device=self.pixel_values.device, generator=self.generator)
+
+
+@dataclass(frozen=True)
+class MaskingStrategy:
+    """`choose(inputs) -> dict` with `mask`, `ids_restore`, `ids_keep` (as `argsort_masking`) and optionally
+    `raised_noise`, `mask_probs`, `mask_logits`, `teacher_attention`, `box_patches`."""
+
+    choose: Callable[[MaskingInputs], dict]
+    uses_teacher: bool = False  # the model builds the frozen teacher and passes its attention
+    learns_mask: bool = False  # the score head trains, judged by the discriminator (AutoMAE)
+    reads_boxes: bool = False  # `forward(boxes=...)`
+    description: str = ""
+
+
+MASKING_STRATEGIES: dict[str, MaskingStrategy] = {}
+
+
+def register_masking_strategy(name: str, choose: Callable[[MaskingInputs], dict], **flags) -> None:
+    MASKING_STRATEGIES[name] = MaskingStrategy(choose=choose, **flags)
+
+
+def _choose_learned(inputs: MaskingInputs) -> dict:
+    config = inputs.model.config
+    sampled = inputs.model.mask_generator(
+        teacher_attention=inputs.teacher_attention,
+        noise=inputs.noise,
+        gumbel_noise=inputs.gumbel_noise,
+        mask_ratio=config.mask_ratio,
+        mask_factor=config.mask_factor,
+        gumbel_tau=config.gumbel_tau,
+        generator=inputs.generator,
+        gumbel_noise_scale=config.gumbel_noise_scale,
+    )
+    return dict(sampled)
+
+
+def _choose_random(inputs: MaskingInputs) -> dict:
+    ids_keep, mask, ids_restore = argsort_masking(inputs.noise_or_draw(), inputs.num_visible)
+    return dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+
+
+def _choose_box_prior(inputs: MaskingInputs) -> dict:
+    batch = inputs.pixel_values.shape[0]
+    boxes = inputs.boxes
+    if boxes is None:
+        logger.warning_once("masking='box_prior' called without boxes: random masking for this batch")
+        boxes = [[] for _ in range(batch)]
+    if len(boxes) != batch:
+        raise ValueError(f"Expected boxes for {batch} images, got {len(boxes)}")
+    noise = inputs.noise_or_draw()
+    box_format = inputs.box_format or inputs.model.config.box_format
+    inside = boxes_to_patch_mask(boxes, inputs.grid, tuple(inputs.pixel_values.shape[-2:]), box_format, noise.device)
+    ids_keep, mask, ids_restore, _ = box_prior_masking(noise, inside, inputs.model.config.mask_factor, inputs.num_visible)
+    return dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep, box_patches=inside)
+
+
+def _choose_attention(inputs: MaskingInputs) -> dict:
+    attention = inputs.teacher_attention.detach().float()
+    ids_keep, mask, ids_restore, _ = attention_masking(
+        attention.mean(1).flatten(1), inputs.num_visible, inputs.model.config.attention_hint_ratio,
+        inputs.noise_or_draw(), inputs.generator,
+    )
+    return dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep, teacher_attention=attention)
+
+
+register_masking_strategy(
+    "learned", _choose_learned, uses_teacher=True, learns_mask=True,
+    description="AutoMAE: a score head over the teacher's attention, Gumbel top-K, adversarial box prior",
+)
+register_masking_strategy("random", _choose_random, description="plain MAE: uniform random masks")
+register_masking_strategy(
+    "box_prior", _choose_box_prior, reads_boxes=True,
+    description="the paper's pilot: patches inside the given boxes have their noise raised by mask_factor",
+)
+register_masking_strategy(
+    "attention", _choose_attention, uses_teacher=True,
+    description="AttMask 'high': the teacher's most-attended patches are masked",
+)
+
+
 __all__ = [
     "BOX_FORMATS",
+    "MASKING_STRATEGIES",
+    "MaskingInputs",
+    "MaskingStrategy",
     "argsort_masking",
     "attention_masking",
     "box_prior_masking",
@@ -239,6 +353,7 @@ __all__ = [
     "box_prior_ranges",
     "gumbel_softmax_sample",
     "mask_entropy",
+    "register_masking_strategy",
     "sample_box_prior",
     "straight_through_topk",
 ]

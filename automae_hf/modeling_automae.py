@@ -9,6 +9,7 @@ classification head. The method is described in the repository's `docs/method.md
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +26,25 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
 from .masking import (
+    MASKING_STRATEGIES,
+    MaskingInputs,
     argsort_masking,
-    attention_masking,
-    box_prior_masking,
-    boxes_to_patch_mask,
     gumbel_softmax_sample,
     sample_box_prior,
     straight_through_topk,
 )
-from .teacher import build_teacher, resize_attention, teacher_class, teacher_cls_attention, teacher_init_kwargs
+from .teacher import (
+    TEACHER_FAMILIES,
+    build_teacher,
+    resize_attention,
+    teacher_class,
+    teacher_cls_attention,
+    teacher_init_kwargs,
+)
+
+# Keyword arguments of `from_pretrained` that also apply to loading the teacher from its own repository (the
+# student's `revision` names a commit of the student's repository, so it is not one of them).
+TEACHER_LOADING_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies", "trust_remote_code")
 
 logger = logging.get_logger(__name__)
 
@@ -358,7 +369,7 @@ class AutoMAEDiscriminator(nn.Module):
 def _init_module(module: nn.Module, config) -> None:
     """MAE's initialisation (xavier-uniform Linear, unit LayerNorm, sin-cos tables, PyTorch's default for convs),
     leaf by leaf and through `transformers.initialization`, so that weights loaded from a checkpoint are never
-    overwritten and every tensor missing from one is initialised (shared pitfalls §5)."""
+    overwritten and every tensor missing from one is initialised (docs/pitfalls.md §5)."""
     std = getattr(config, "initializer_range", 0.02)
     if isinstance(module, nn.Linear):
         init.xavier_uniform_(module.weight)
@@ -410,7 +421,7 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["score_head", "discriminator"]
     # An encoder or classifier loaded from a pretraining folder leaves these out on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^mask_generator\.", r"^discriminator\."]
-    # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (shared pitfalls §4).
+    # Fixed tables (and the frozen teacher) stay frozen after `from_pretrained` (docs/pitfalls.md §4).
     _frozen_parameter_suffixes = ("position_embeddings", "decoder_pos_embed")
 
     def _init_weights(self, module):
@@ -433,10 +444,10 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
         # writing a ViTMAE 5.x decoder back as `decoder.decoder_encoder.layer.N`).
         model._weight_conversions = None
         model.refreeze()
-        model._after_loading(info)
+        model._after_loading(info, {k: kwargs[k] for k in TEACHER_LOADING_KWARGS if k in kwargs})
         return (model, info) if output_loading_info else model
 
-    def _after_loading(self, loading_info: dict) -> None:
+    def _after_loading(self, loading_info: dict, loading_kwargs: dict | None = None) -> None:
         pass
 
 
@@ -470,8 +481,8 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
         Args:
             pixel_values: `[B, C, H, W]`.
             visible_ids: optional `[B, K]` patch indices to encode (MAE's visible set); `None` encodes all patches.
-            token_gates: optional `[B, L]` gamma of the gradient trick (method §2.5): tokens become z + (g - sg(g)) z,
-                equal in value, with dLoss/dg = <dLoss/dz', z>.
+            token_gates: optional `[B, L]` gamma of the gradient trick (docs/method.md §2.5): tokens become
+                z + (g - sg(g)) z, equal in value, with dLoss/dg = <dLoss/dz', z>.
             output_hidden_states, output_attentions, return_dict: as in transformers (attentions need
                 `attn_implementation="eager"`).
         Returns:
@@ -495,6 +506,11 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------
 # The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> gamma
 # --------------------------------------------------------------------------------------------------------------
+def _looks_like_a_path(name: str) -> bool:
+    """A local folder rather than a Hub id: starts like a path, or has more than one `/`."""
+    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
+
+
 def _teacher_config_dict(config) -> dict:
     """A teacher's config as the plain dict stored in `teacher_config` (encoder fields only for our own models)."""
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
@@ -505,16 +521,17 @@ def _teacher_config_dict(config) -> dict:
 
 
 def _build_teacher(teacher_config: dict):
-    """A randomly initialised, frozen-to-be teacher: a transformers ViT-family encoder or an `AutoMAEModel`."""
-    if teacher_config.get("model_type") == "automae":
-        fields = {k: v for k, v in teacher_config.items() if k not in ("model_type", "teacher_config")}
-        return AutoMAEModel(AutoMAEConfig(**fields))
+    """A randomly initialised, frozen-to-be teacher (a ViT-family encoder), or `None` when the student's own encoder
+    is the teacher (`model_type: "self"`)."""
+    if teacher_config.get("model_type") == "self":
+        return None
     return build_teacher(teacher_config)
 
 
 class AutoMAEMaskGenerator(PreTrainedModel):
-    """Learns where to mask. Holds a frozen ViT-family teacher (`.teacher`) and the score head (`.score_head`);
-    savable and loadable on its own (`AutoModel` maps `automae_mask_generator` here)."""
+    """Learns where to mask. Holds a frozen ViT-family teacher (`.teacher`; `None` when the student's own attention
+    is the teacher, which the caller then passes as `teacher_attention`) and the score head (`.score_head`); savable
+    and loadable on its own (`AutoModel` maps `automae_mask_generator` here)."""
 
     config_class = AutoMAEMaskGeneratorConfig
     config: AutoMAEMaskGeneratorConfig
@@ -527,7 +544,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
     def __init__(self, config: AutoMAEMaskGeneratorConfig):
         super().__init__(config)
         self.teacher = _build_teacher(config.teacher_config)
-        self.score_head = AutoMAEScoreHead(self.teacher.config.num_attention_heads, config.score_hidden_channels)
+        self.score_head = AutoMAEScoreHead(config.teacher_config["num_attention_heads"], config.score_hidden_channels)
         self.post_init()
         self.freeze_teacher()
 
@@ -536,12 +553,14 @@ class AutoMAEMaskGenerator(PreTrainedModel):
 
     # The teacher never trains: no gradient, eval mode (no dropout) whatever `.train()` says.
     def freeze_teacher(self) -> None:
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     @classmethod
@@ -555,23 +574,28 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         including `*ForPreTraining` / `*ForImageClassification` folders), frozen."""
         from transformers import AutoConfig
 
+        if isinstance(name_or_path, (str, os.PathLike)) and _looks_like_a_path(str(name_or_path)):
+            if not os.path.isdir(name_or_path):
+                raise ValueError(f"Teacher folder {str(name_or_path)!r} does not exist")
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        if config.model_type not in ("vit_mae", "vit", "dinov2", "automae"):
+        if config.model_type not in TEACHER_FAMILIES:
             raise ValueError(
                 f"Teacher {name_or_path!r} has model_type {config.model_type!r}; expected a ViT-family encoder "
-                "(vit_mae, vit, dinov2, or an automae checkpoint)"
+                f"({', '.join(TEACHER_FAMILIES)})"
             )
-        if config.model_type == "automae":  # the encoder of a checkpoint of ours (e.g. a random-masking MAE)
-            teacher = AutoMAEModel.from_pretrained(name_or_path, **kwargs)
-        else:
-            teacher = teacher_class(config.model_type).from_pretrained(
-                name_or_path, attn_implementation="sdpa", **teacher_init_kwargs(config.model_type), **kwargs
+        extra = {} if config.model_type == "automae" else {"attn_implementation": "sdpa"}
+        teacher = teacher_class(config.model_type).from_pretrained(
+            name_or_path, **extra, **teacher_init_kwargs(config.model_type), **kwargs
+        )
+        heads = teacher.config.num_attention_heads
+        if heads != self.score_head[0].in_channels:
+            # The score head reads one channel per teacher head: a fresh one is sized for this teacher.
+            logger.warning(
+                f"Teacher {name_or_path!r} has {heads} attention heads, the score head read "
+                f"{self.score_head[0].in_channels}: the score head is re-initialised for {heads} heads"
             )
-        if teacher.config.num_attention_heads != self.teacher.config.num_attention_heads:
-            raise ValueError(
-                f"Teacher {name_or_path!r} has {teacher.config.num_attention_heads} heads but the score head expects "
-                f"{self.teacher.config.num_attention_heads}; set teacher_config to the teacher's config"
-            )
+            device = self.score_head[0].weight.device
+            self.score_head = AutoMAEScoreHead(heads, self.config.score_hidden_channels).to(device)
         teacher_config = _teacher_config_dict(teacher.config)
         self.teacher = teacher.to(self.score_head[0].weight.device)
         self.config.teacher_config = teacher_config
@@ -580,6 +604,11 @@ class AutoMAEMaskGenerator(PreTrainedModel):
 
     def teacher_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, heads, h, w]` CLS attention of the teacher, on the student's patch grid."""
+        if self.teacher is None:
+            raise ValueError(
+                "This mask generator's teacher is the student itself (teacher 'self'): pass teacher_attention, e.g. "
+                "from AutoMAEForPreTraining.teacher_attention(pixel_values)"
+            )
         attention = teacher_cls_attention(self.teacher, pixel_values)
         patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
@@ -648,7 +677,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
     `model.discriminator_loss(teacher_attention=...)` for the D step; `model(x, teacher_attention=...)` for the
     student + score-head step, minimising `loss = reconstruction_loss + adversarial_weight * generator_loss`.
 
-    Other strategies (`config.masking`, issue 6), each keeping exactly `int(L * (1 - mask_ratio))` patches visible:
+    Other strategies (`config.masking`, docs/method.md §7), each keeping exactly `int(L * (1 - mask_ratio))` patches
+    visible:
     `"random"` (plain MAE) and `"box_prior"` (`model(x, boxes=...)`) build no teacher, generator or D;
     `"attention"` builds the mask generator for its frozen teacher only (score head frozen and unused, no D).
     """
@@ -657,12 +687,28 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         super().__init__(config)
         self.vit = AutoMAEModel(config)
         self.decoder = AutoMAEDecoder(config)
-        learned = config.masking == "learned"
-        with_teacher = config.masking in ("learned", "attention")
-        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if with_teacher else None
-        self.discriminator = AutoMAEDiscriminator(config.grid_size) if learned else None
+        strategy = MASKING_STRATEGIES[config.masking]
+        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if strategy.uses_teacher else None
+        self.discriminator = AutoMAEDiscriminator(config.grid_size) if strategy.learns_mask else None
         self.post_init()
         self.refreeze()
+        self._load_named_teacher()
+
+    def _load_named_teacher(self) -> None:
+        """A model built directly from a config naming its teacher loads that teacher, or says loudly why not
+        (under `from_pretrained` the weights are not materialised yet: loading happens after, in `_after_loading`)."""
+        name = self.config.teacher_name_or_path
+        if self.mask_generator is None or not name or self.config.teacher_is_self:
+            return
+        if self.vit.embeddings.cls_token.device.type == "meta":
+            return
+        try:
+            self.load_teacher(name)
+        except Exception as error:  # noqa: BLE001  (offline, typo, gated: the model stays usable, the user is told)
+            logger.warning(
+                f"config.teacher_name_or_path={name!r} could not be loaded ({' '.join(str(error).split())}): the "
+                "teacher is randomly initialised. Call model.load_teacher(...) before training."
+            )
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
@@ -671,15 +717,15 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
 
     def refreeze(self) -> None:
         super().refreeze()
-        if self.mask_generator is not None and self.config.masking != "learned":
+        if self.mask_generator is not None and not MASKING_STRATEGIES[self.config.masking].learns_mask:
             self.mask_generator.score_head.requires_grad_(False)  # attention masking: only the teacher is read
 
-    def _after_loading(self, loading_info: dict) -> None:
+    def _after_loading(self, loading_info: dict, loading_kwargs: dict | None = None) -> None:
         missing = loading_info.get("missing_keys") or []
         if self.mask_generator is None or not any(key.startswith("mask_generator.teacher.") for key in missing):
             return
-        if self.config.teacher_name_or_path:
-            self.load_teacher(self.config.teacher_name_or_path)  # also records the teacher's config in ours
+        if self.config.teacher_name_or_path:  # also records the teacher's config in ours
+            self.load_teacher(self.config.teacher_name_or_path, **(loading_kwargs or {}))
             return
         # transformers' ViTMAE init leaves some tensors raw when the whole teacher is missing: build a clean one.
         logger.warning(
@@ -691,10 +737,27 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         self.mask_generator.teacher = _build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
         self.refreeze()
 
-    def load_teacher(self, name_or_path: str, **kwargs) -> None:
-        """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`)."""
+    @torch.no_grad()
+    def teacher_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]` -> `[B, heads, h, w]` float32 CLS attention that guides the mask, on the batch's patch
+        grid: the frozen teacher's, or with teacher "self" the student encoder's own (eval mode, no gradient)."""
         if self.mask_generator is None:
-            raise ValueError(f"masking={self.config.masking!r} uses no teacher; load_teacher needs 'learned' or 'attention'")
+            raise ValueError(f"masking={self.config.masking!r} reads no teacher attention")
+        if self.mask_generator.teacher is not None:
+            return self.mask_generator.teacher_attention(pixel_values).float()
+        was_training = self.vit.training
+        self.vit.eval()
+        try:
+            return teacher_cls_attention(self.vit, pixel_values).float()
+        finally:
+            self.vit.train(was_training)
+
+    def load_teacher(self, name_or_path: str, **kwargs) -> None:
+        """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`); the score head is
+        re-sized when the teacher's head count differs. `kwargs` go to `from_pretrained` (cache_dir, token, ...)."""
+        if self.mask_generator is None:
+            users = [name for name, strategy in MASKING_STRATEGIES.items() if strategy.uses_teacher]
+            raise ValueError(f"masking={self.config.masking!r} uses no teacher; load_teacher needs one of {users}")
         self.mask_generator.load_teacher(name_or_path, **kwargs)
         self.config.teacher_config = self.mask_generator.config.teacher_config
         self.config.teacher_name_or_path = str(name_or_path)
@@ -779,51 +842,27 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid = self.vit.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        masking = self.config.masking
-        if boxes is not None and masking != "box_prior":
-            raise ValueError(f"`boxes` are only read with masking='box_prior', this model has masking={masking!r}")
-        num_patches = grid[0] * grid[1]
-        num_visible = num_visible_patches(num_patches, self.config.mask_ratio)
-        box_patches = None
-        if masking != "learned" and noise is None:
-            noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device, generator=generator)
-        if masking == "random":  # MAE's noise argsort, nothing else
-            ids_keep, mask, ids_restore = argsort_masking(noise, num_visible)
-            sampled = AutoMAEMaskGeneratorOutput(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
-        elif masking == "box_prior":
-            if boxes is None:
-                logger.warning_once("masking='box_prior' called without boxes: random masking for this batch")
-                boxes = [[] for _ in range(pixel_values.shape[0])]
-            if len(boxes) != pixel_values.shape[0]:
-                raise ValueError(f"Expected boxes for {pixel_values.shape[0]} images, got {len(boxes)}")
-            box_patches = boxes_to_patch_mask(
-                boxes, grid, tuple(pixel_values.shape[-2:]), box_format or self.config.box_format, noise.device
-            )
-            ids_keep, mask, ids_restore, _ = box_prior_masking(noise, box_patches, self.config.mask_factor, num_visible)
-            sampled = AutoMAEMaskGeneratorOutput(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
-        elif masking == "attention":
-            if teacher_attention is None:
-                with torch.no_grad():
-                    teacher_attention = self.mask_generator.teacher_attention(pixel_values)
-            teacher_attention = teacher_attention.detach().float()
-            ids_keep, mask, ids_restore, _ = attention_masking(
-                teacher_attention.mean(1).flatten(1), num_visible, self.config.attention_hint_ratio, noise, generator
-            )
-            sampled = AutoMAEMaskGeneratorOutput(
-                mask=mask, ids_restore=ids_restore, ids_keep=ids_keep, teacher_attention=teacher_attention
-            )
-        else:
-            sampled = self.mask_generator(
-                pixel_values,
-                teacher_attention=teacher_attention,
+        strategy = MASKING_STRATEGIES[self.config.masking]
+        if boxes is not None and not strategy.reads_boxes:
+            raise ValueError(f"`boxes` are only read with masking='box_prior', this model has masking={self.config.masking!r}")
+        if strategy.uses_teacher and teacher_attention is None:
+            teacher_attention = self.teacher_attention(pixel_values)
+        chosen = strategy.choose(
+            MaskingInputs(
+                model=self,
+                pixel_values=pixel_values,
+                grid=grid,
+                num_visible=num_visible_patches(grid[0] * grid[1], self.config.mask_ratio),
                 noise=noise,
                 gumbel_noise=gumbel_noise,
-                mask_ratio=self.config.mask_ratio,
-                mask_factor=self.config.mask_factor,
-                gumbel_tau=self.config.gumbel_tau,
+                teacher_attention=teacher_attention,
                 generator=generator,
-                gumbel_noise_scale=self.config.gumbel_noise_scale,
+                boxes=boxes,
+                box_format=box_format,
             )
+        )
+        box_patches = chosen.pop("box_patches", None)
+        sampled = AutoMAEMaskGeneratorOutput(**chosen)
         requested = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         encoded = self.vit(
             pixel_values,
@@ -881,7 +920,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             if teacher_attention is None:
                 if pixel_values is None:
                     raise ValueError("discriminator_loss needs pixel_values or teacher_attention")
-                teacher_attention = self.mask_generator.teacher_attention(pixel_values)
+                teacher_attention = self.teacher_attention(pixel_values)
             score_head = self.mask_generator.score_head
             mask_logits = score_head(teacher_attention.to(score_head[0].weight.dtype))
             fake = gumbel_softmax_sample(

@@ -1,39 +1,98 @@
 """The frozen teacher: any transformers ViT-family encoder whose last-layer CLS attention guides the mask.
 
 Only what the method needs is computed: SDPA (no weights) in every layer but the last, and in the last layer only
-the CLS query's attention row, `[B, heads, grid_h, grid_w]` (shared doc §1), never full eager attention matrices.
+the CLS query's attention row, `[B, heads, grid_h, grid_w]` (docs/method.md §1), never full eager attention matrices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-TEACHER_CLASS_NAMES = {"vit_mae": "ViTMAEModel", "vit": "ViTModel", "dinov2": "Dinov2Model"}
+@dataclass(frozen=True)
+class TeacherFamily:
+    """How to build and read one family of teachers: its model class (a transformers class name, or our own
+    `AutoMAEModel`), keyword arguments for it, and how it embeds a full image in patch order."""
+
+    class_name: str
+    embed: Callable[[Any, torch.Tensor, bool], torch.Tensor]  # (teacher, pixel_values, interpolate) -> [B, T, D]
+    init_kwargs: dict = field(default_factory=dict)
+
+
+def _embed_vit_mae(teacher, pixel_values, interpolate):
+    # ViTMAEEmbeddings.forward masks and shuffles even at inference (docs/pitfalls.md §9): embed by hand, patch order.
+    embeddings = teacher.embeddings
+    patches = embeddings.patch_embeddings(pixel_values)
+    positions = embeddings.position_embeddings
+    if interpolate:
+        height, width = pixel_values.shape[-2:]
+        positions = embeddings.interpolate_pos_encoding(patches[:1].new_empty(1, patches.shape[1] + 1, patches.shape[-1]), height, width)
+    cls_token = (embeddings.cls_token + positions[:, :1]).expand(patches.shape[0], -1, -1)
+    return torch.cat([cls_token, patches + positions[:, 1:]], dim=1)
+
+
+def _embed_vit(teacher, pixel_values, interpolate):
+    return teacher.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+
+
+def _embed_dinov2(teacher, pixel_values, interpolate):
+    return teacher.embeddings(pixel_values)  # DINOv2 always interpolates its positions
+
+
+def _embed_automae(teacher, pixel_values, interpolate):
+    patches, cls_token = teacher.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+    return torch.cat([cls_token, patches], dim=1)
+
+
+# The one registry of teacher families: a new family is one entry here (and its test).
+TEACHER_FAMILIES: dict[str, TeacherFamily] = {
+    "vit_mae": TeacherFamily("ViTMAEModel", _embed_vit_mae),
+    "vit": TeacherFamily("ViTModel", _embed_vit, {"add_pooling_layer": False}),  # the pooler is never read
+    "dinov2": TeacherFamily("Dinov2Model", _embed_dinov2),
+    "automae": TeacherFamily("AutoMAEModel", _embed_automae),  # an encoder trained with this package
+}
+
+
+def teacher_family(model_type: str) -> TeacherFamily:
+    if model_type not in TEACHER_FAMILIES:
+        raise ValueError(f"Teacher `model_type` must be one of {sorted(TEACHER_FAMILIES)}, got {model_type!r}")
+    return TEACHER_FAMILIES[model_type]
 
 
 def teacher_class(model_type: str):
+    """The model class of a teacher family."""
+    name = teacher_family(model_type).class_name
+    if name == "AutoMAEModel":
+        from .modeling_automae import AutoMAEModel  # imported here: modeling imports this module
+
+        return AutoMAEModel
     import transformers
 
-    if model_type not in TEACHER_CLASS_NAMES:
-        raise ValueError(f"Teacher `model_type` must be one of {sorted(TEACHER_CLASS_NAMES)}, got {model_type!r}")
-    return getattr(transformers, TEACHER_CLASS_NAMES[model_type])
+    return getattr(transformers, name)
 
 
 def teacher_init_kwargs(model_type: str) -> dict:
-    # ViTModel's pooler is never used by the mask generator: do not build (or save) it.
-    return {"add_pooling_layer": False} if model_type == "vit" else {}
+    return dict(teacher_family(model_type).init_kwargs)
 
 
 def build_teacher(teacher_config: dict):
     """A randomly initialised teacher from its config dict (weights come with `from_pretrained` / `load_teacher`)."""
-    from transformers import AutoConfig
-
     config_dict = dict(teacher_config)
     model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    model_class = teacher_class(model_type)
+    if model_type == "automae":
+        config_dict.pop("teacher_config", None)
+        config = model_class.config_class(**config_dict)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(model_type, **config_dict)
     config._attn_implementation = "sdpa"
-    return teacher_class(model_type)(config, **teacher_init_kwargs(model_type))
+    return model_class(config, **teacher_init_kwargs(model_type))
 
 
 def _layers(teacher):
@@ -43,26 +102,10 @@ def _layers(teacher):
 
 def _embed(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
     """`[B, 1 (+registers) + N, D]` tokens of the full, unmasked image, in patch order."""
-    model_type = teacher.config.model_type
     height, width = pixel_values.shape[-2:]
     image_size = teacher.config.image_size
     image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-    interpolate = (height, width) != image_size
-    embeddings = teacher.embeddings
-    if model_type == "vit_mae":
-        # ViTMAEEmbeddings.forward masks and shuffles (shared pitfalls §9): embed by hand, in patch order.
-        patches = embeddings.patch_embeddings(pixel_values)
-        positions = embeddings.position_embeddings
-        if interpolate:
-            positions = embeddings.interpolate_pos_encoding(patches[:1].new_empty(1, patches.shape[1] + 1, patches.shape[-1]), height, width)
-        cls_token = (embeddings.cls_token + positions[:, :1]).expand(patches.shape[0], -1, -1)
-        return torch.cat([cls_token, patches + positions[:, 1:]], dim=1)
-    if model_type == "vit":
-        return embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-    if model_type == "automae":  # the student's own encoder (teacher-free mode)
-        patches, cls_token = embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-        return torch.cat([cls_token, patches], dim=1)
-    return embeddings(pixel_values)  # dinov2 always interpolates
+    return teacher_family(teacher.config.model_type).embed(teacher, pixel_values, (height, width) != image_size)
 
 
 def _last_layer_parts(layer):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's figures on one H100/H200-class GPU.
+# The benchmarks' figures (docs/benchmarks.md) on one H100/H200-class GPU.
 #
 #   bash benchmarks/gpu.sh            # cost: ViT-S/16 and ViT-B/16 at 224 px, bf16, batch 64 and 128 (< 8 minutes)
 #   bash benchmarks/gpu.sh probe      # one minute: versions, the device, two tiny bf16 steps (run this first)

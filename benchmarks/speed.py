@@ -7,8 +7,8 @@ same machine state. Prints medians and ratios (and writes them to --output_json)
     python benchmarks/speed.py --size vit-b16 --batch_size 4 --steps 5
     python benchmarks/speed.py --size vit-b16 --batch_size 64 --device cuda --bf16   # what benchmarks/gpu.sh runs
 
-Arms: one MAE step; one AutoMAE iteration (teacher attention -> D step -> student + score-head step, shared doc §3);
-the teacher's CLS attention alone; an AutoMAE iteration with cached teacher attention (the
+Arms: one MAE step; one AutoMAE iteration (teacher attention -> D step -> student + score-head step,
+docs/method.md §3); the teacher's CLS attention alone; an AutoMAE iteration with cached teacher attention (the
 `--cache_teacher_attention` mode of training/pretrain.py: the teacher costs nothing per step); and encoder inference
 of `AutoMAEModel` against transformers' `ViTModel` (SDPA both). Peak memory (`--memory`): each training arm runs in
 its own process, 3 steps; CUDA: `max_memory_allocated`, CPU: the peak resident set above the process after imports.
@@ -50,7 +50,7 @@ MEMORY_ARMS = ("MAE", "AutoMAE", "AutoMAE cached")
 
 # ---- one step of each arm ---------------------------------------------------------------------------------------
 def automae_step(model, student_optimizer, d_optimizer, pixel_values, attention=None, autocast=nullcontext):
-    """One iteration of shared doc §3: teacher attention once -> D step -> student + score-head step.
+    """One iteration of docs/method.md §3: teacher attention once -> D step -> student + score-head step.
     `attention` given: the cached-teacher mode (maps computed once per image, `--cache_teacher_attention`)."""
     with autocast():
         if attention is None:

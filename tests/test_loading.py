@@ -583,11 +583,39 @@ def test_load_teacher_from_transformers_folder(teacher_folders, name, tmp_path):
     assert_teacher_frozen(loaded)
 
 
-def test_load_teacher_rejects_a_head_count_mismatch(teacher_folders):
+def test_load_teacher_adapts_the_score_head_to_the_teachers_heads(teacher_folders, caplog):
     folder, _ = teacher_folders["ViTModel"]  # 4 heads; the default teacher (student-shaped) has 2
     model = AutoMAEForPreTraining(make_tiny_config())
-    with pytest.raises(ValueError, match="heads"):
-        model.load_teacher(str(folder))
+    assert model.mask_generator.score_head[0].in_channels == 2
+    model.load_teacher(str(folder))
+    assert model.mask_generator.score_head[0].in_channels == 4
+    assert "re-initialised for 4 heads" in caplog.text
+    assert model.config.teacher_config["num_attention_heads"] == 4
+    assert all(p.requires_grad for p in model.mask_generator.score_head.parameters())  # trains with the student
+    output = model(images())
+    assert output.mask_logits.shape == (2, 64) and torch.isfinite(output.loss)
+
+
+def test_a_config_naming_its_teacher_loads_it_or_says_why_not(teacher_folders, tmp_path, caplog):
+    folder, teacher_config = teacher_folders["ViTModel"]
+    model = AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path=str(folder)))
+    reference = ViTModel.from_pretrained(folder, add_pooling_layer=False)
+    assert_state_dicts_equal(model.mask_generator.teacher.state_dict(), reference.state_dict(), "teacher")
+    AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path=str(tmp_path / "no_such_folder")))
+    assert "could not be loaded" in caplog.text and "does not exist" in caplog.text
+
+
+def test_teacher_self_builds_and_saves_no_teacher(tmp_path):
+    model = AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path="self")).eval()
+    assert model.mask_generator.teacher is None and model.config.teacher_is_self
+    x = images()
+    expected = teacher_cls_attention(model.vit, x)
+    torch.testing.assert_close(model.teacher_attention(x), expected)
+    assert torch.isfinite(model(x).loss) and torch.isfinite(model.discriminator_loss(pixel_values=x).loss)
+    model.save_pretrained(tmp_path)
+    assert not any(k.startswith("mask_generator.teacher.") for k in keys_of(tmp_path))
+    loaded, info = AutoMAEForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and loaded.mask_generator.teacher is None
 
 
 def test_pretraining_loads_teacher_from_teacher_name_or_path(teacher_folders, tmp_path):

@@ -1,5 +1,5 @@
-"""The four masking strategies (issue 6): random, box_prior, attention, learned. Their defining properties on 7x7,
-8x8 and 14x14 patch grids, save/load, and pretrain.py runs (CPU, tiny models)."""
+"""The four masking strategies (docs/method.md §7): random, box_prior, attention, learned. Their defining properties
+on 7x7, 8x8 and 14x14 patch grids, save/load, and pretrain.py runs (CPU, tiny models)."""
 
 from __future__ import annotations
 
@@ -271,9 +271,9 @@ def test_pretrain_runs_each_strategy(masking, box_data, tmp_path):
     if masking == "box_prior":
         assert summary["box_column_name"] == "bbox" and summary["teacher"] == "none"
         assert not any(k.startswith("mask_generator.") for k in _keys(tmp_path))
-    else:
-        assert config["attention_hint_ratio"] == 0.1
-        assert any(k.startswith("mask_generator.teacher.") for k in _keys(tmp_path))
+    else:  # no --teacher_name_or_path: the student's own attention, so no teacher is built or saved
+        assert config["attention_hint_ratio"] == 0.1 and config["teacher_name_or_path"] == "self"
+        assert summary["teacher"] == "self" and not any(k.startswith("mask_generator.teacher.") for k in _keys(tmp_path))
     assert "Done: 2 steps" in result.stdout + result.stderr
 
 

@@ -1,4 +1,4 @@
-"""The method's properties (shared doc §4), pinned on 7x7, 8x8 and 14x14 patch grids with tiny models."""
+"""The method's properties (docs/method.md §4), pinned on 7x7, 8x8 and 14x14 patch grids with tiny models."""
 
 import pytest
 import torch
@@ -173,7 +173,8 @@ def test_gamma_gradient_is_token_dot_upstream_and_zero_on_masked_patches():
     masked = sample.mask.bool()
     assert torch.all(gate_grad[masked] == 0), "masked patches must not contribute to the generator's gradient"
     assert torch.all(gate_grad[~masked] != 0)
-    # z' = z + (g - sg(g)) z has dz'/dz = 1 at this point, so dL/dz = dL/dz' and dL/dg = <dL/dz', z> (§2.5)
+    # z' = z + (g - sg(g)) z has dz'/dz = 1 at this point, so dL/dz = dL/dz' and dL/dg = <dL/dz', z>
+    # (docs/method.md §2.5)
     expected = (token_grad * captured["z"].detach()).sum(-1)
     torch.testing.assert_close(gate_grad[~masked], expected[~masked], atol=1e-7, rtol=1e-4)
 

@@ -1,106 +1,228 @@
 #!/usr/bin/env python
 """Finetune an exported AutoMAE encoder (or any AutoMAE / ViTMAE / ViT checkpoint) for image classification with the
-Hugging Face `Trainer` (issue 4).
+Hugging Face `Trainer`, on `HfArgumentParser` + `TrainingArguments` like transformers' own
+`examples/pytorch/image-classification/run_image_classification.py`.
 
     python training/finetune.py --model_name_or_path runs/encoder --dataset_name cifar10 --output_dir runs/cls \
         --num_train_epochs 50 --learning_rate 1e-3 --layer_decay 0.75 --pooling cls
     python training/finetune.py ... --train_dir images/train --validation_dir images/val      # imagefolder
     python training/finetune.py ... --train_samples_per_class 10                              # few-shot
-    python training/finetune.py ... --push_to_hub --hub_model_id org/automae-cls [--private --revision v1 --dry_run]
+    python training/finetune.py ... --push_to_hub --hub_model_id org/automae-cls [--hub_private_repo --hub_revision v1]
+    python training/finetune.py ... --resume_from_checkpoint last                             # or a checkpoint folder
+    python training/finetune.py args.json                                                     # every flag from a file
+
+Every `TrainingArguments` flag works (`--report_to`, `--gradient_checkpointing`, `--torch_compile`, `--fsdp`,
+`--deepspeed`, `--hub_strategy`, ...); the defaults differ where MAE's recipe does (lr 1e-3, weight decay 0.05,
+10 epochs, cosine schedule with 10% warm-up, evaluation and checkpoints every epoch, the best checkpoint restored at
+the end). The old hub spellings `--private` and `--revision` still work (read as `--hub_private_repo true` and
+`--hub_revision`); `--dry_run` lists what `--push_to_hub` would upload and uploads nothing.
 
 MAE's finetuning recipe, scaled down: RandomResizedCrop (0.08-1, bicubic) + horizontal flip (PIL/numpy, no
-torchvision), AdamW with layer-wise lr decay (`--layer_decay`; param groups handed to the Trainer), warm-up + cosine,
-evaluation every epoch, early stopping and the best checkpoint restored at the end. Grayscale / RGBA images are
-converted to the model's channels. Accuracy: `evaluate.load("accuracy")` when it can be loaded (it fetches its
-script from the Hub), otherwise the same number computed with numpy.
+torchvision), AdamW (fused, the Trainer's default `--optim`) with layer-wise lr decay built by the Trainer's own
+`create_optimizer` (so FSDP / DeepSpeed see it), warm-up + cosine, early stopping. Augmentation is a function of
+(seed, epoch, index): two runs with the same `--seed` give the same weights, and a resumed run sees the same pixels.
+A few-shot epoch of one or two optimizer steps is evaluated every few epochs instead, so that early stopping counts
+at least `early_stopping_patience` x 10 optimizer steps. Grayscale / RGBA images are converted to the model's
+channels. Accuracy: `evaluate.load("accuracy")` when it can be loaded (it fetches its script from the Hub), otherwise
+the same number computed with numpy.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 from .data import IMAGE_COLUMN_CANDIDATES, decode_image, one_line, random_resized_crop_box
-from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
+from .hub import push_folder
 
 logger = logging.getLogger("automae.finetune")
 
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class", "target", "category")
+# Split names that mean "held back for model selection"; any other evaluation split (test, ...) is a reported split.
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+# Fewer optimizer steps than this per epoch: evaluate every few epochs instead (a few-shot epoch is 1-2 steps).
+MIN_STEPS_BETWEEN_EVALUATIONS = 10
+# What `Trainer.push_to_hub` leaves out of the upload; the dry run lists the same files.
+TRAINER_PUSH_IGNORE = ("_*", "checkpoint-*")
+# Old spellings of the hub flags -> what they mean now (argv is rewritten before parsing).
+LEGACY_FLAGS = {"--private": ["--hub_private_repo", "true"], "--revision": ["--hub_revision"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Finetune an AutoMAE / ViT encoder for image classification (HF Trainer).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset_name", default=None, help="Hub data set name or a `save_to_disk` folder.")
-    d.add_argument("--dataset_config_name", default=None)
-    d.add_argument("--train_dir", default=None, help="Image folder (imagefolder: class = sub-folder name).")
-    d.add_argument("--validation_dir", default=None, help="Image folder for evaluation (with --train_dir).")
-    d.add_argument("--train_split", default="train")
-    d.add_argument("--validation_split", default=None,
-                   help="Evaluation split; default the first of validation/valid/val/test, else a held-out part of train.")
-    d.add_argument("--validation_split_percentage", type=float, default=10.0,
-                   help="Share of train held out for evaluation when the data set has no evaluation split.")
-    d.add_argument("--image_column_name", default=None, help=f"Detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
-    d.add_argument("--label_column_name", default=None,
-                   help=f"Detected (a ClassLabel column, else {LABEL_COLUMN_CANDIDATES}) when unset.")
-    d.add_argument("--train_samples_per_class", type=int, default=None, help="Few-shot: N training images per class.")
-    d.add_argument("--max_train_samples", type=int, default=None)
-    d.add_argument("--max_eval_samples", type=int, default=None)
-    d.add_argument("--no_augmentation", action="store_true", help="Train on resized images (no crop / flip).")
-    d.add_argument("--cache_dir", default=None)
+@dataclass
+class ModelArguments:
+    """Which checkpoint to finetune and how its head pools the tokens."""
 
-    m = p.add_argument_group("model")
-    m.add_argument("--model_name_or_path", required=True,
-                   help="Exported encoder, pretraining folder, finetuned AutoMAE, ViTMAE or ViT checkpoint (folder/Hub id).")
-    m.add_argument("--pooling", choices=("cls", "mean"), default=None,
-                   help="Head on the CLS token or the mean patch token (AutoMAE models; default: the checkpoint's).")
-    m.add_argument("--trust_remote_code", action="store_true", help="Allow remote code for non-AutoMAE checkpoints.")
+    model_name_or_path: str = field(metadata={
+        "help": "Exported encoder, pretraining folder, finetuned AutoMAE, ViTMAE or ViT checkpoint (folder/Hub id)."})
+    pooling: str | None = field(default=None, metadata={
+        "choices": ("cls", "mean"),
+        "help": "Head on the CLS token or the mean patch token (AutoMAE models; default: the checkpoint's)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow remote code for non-AutoMAE checkpoints."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub models and data sets."})
 
-    t = p.add_argument_group("training")
-    t.add_argument("--output_dir", required=True)
-    t.add_argument("--num_train_epochs", type=float, default=10)
-    t.add_argument("--max_steps", type=int, default=-1)
-    t.add_argument("--per_device_train_batch_size", type=int, default=64)
-    t.add_argument("--per_device_eval_batch_size", type=int, default=128)
-    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    t.add_argument("--learning_rate", type=float, default=1e-3, help="Peak lr of the head / last layers.")
-    t.add_argument("--layer_decay", type=float, default=0.75, help="lr x layer_decay^(depth from the top); 1: none.")
-    t.add_argument("--weight_decay", type=float, default=0.05, help="Not on biases, norms, tokens.")
-    t.add_argument("--adam_beta2", type=float, default=0.999)
-    t.add_argument("--warmup_ratio", type=float, default=0.1)
-    t.add_argument("--label_smoothing_factor", type=float, default=0.0)
-    t.add_argument("--early_stopping_patience", type=int, default=5, help="Epochs without improvement; 0: off.")
-    t.add_argument("--eval_strategy", choices=("epoch", "no"), default="epoch",
-                   help="epoch: evaluate and checkpoint every epoch, restore the best; no: a fixed schedule, the last "
-                        "weights evaluated once at the end (no model selection on the evaluation split).")
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--logging_steps", type=int, default=10)
-    t.add_argument("--dataloader_num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    t.add_argument("--bf16", action="store_true")
-    t.add_argument("--fp16", action="store_true")
-    t.add_argument("--license", default="apache-2.0", help="License in the model card metadata.")
-    add_hub_arguments(p)
-    return p
+
+@dataclass
+class DataArguments:
+    """Where the images come from, which columns hold them, and how many are used."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set name or a `save_to_disk` folder."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
+    train_dir: str | None = field(default=None, metadata={
+        "help": "Image folder (imagefolder: class = sub-folder name)."})
+    validation_dir: str | None = field(default=None, metadata={
+        "help": "Image folder for evaluation (with --train_dir)."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "Evaluation split; default the first of validation/valid/val/test, else a held-out part of train."})
+    validation_split_percentage: float = field(default=10.0, metadata={
+        "help": "Share of train held out for evaluation when the data set has no evaluation split."})
+    image_column_name: str | None = field(default=None, metadata={
+        "help": f"Detected among {IMAGE_COLUMN_CANDIDATES} when unset."})
+    label_column_name: str | None = field(default=None, metadata={
+        "help": f"Detected (a ClassLabel column, else {LABEL_COLUMN_CANDIDATES}) when unset."})
+    train_samples_per_class: int | None = field(default=None, metadata={"help": "Few-shot: N training images per class."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many evaluation images."})
+    no_augmentation: bool = field(default=False, metadata={"help": "Train on resized images (no crop / flip)."})
+
+
+@dataclass
+class FinetuningArguments(TrainingArguments):
+    """`TrainingArguments` with MAE's finetuning defaults where they differ, plus layer decay, warm-up ratio, early
+    stopping patience, the card's license and the hub dry run. Fields left alone keep the Trainer's defaults."""
+
+    output_dir: str = field(metadata={"help": "Where the finetuned model, checkpoints and results are written."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs (ignored when --max_steps > 0)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak lr of the head / last layers."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay; not on biases, norms, tokens."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={
+        "help": "epoch: evaluate and checkpoint every epoch (every few epochs when an epoch has fewer than "
+                f"{MIN_STEPS_BETWEEN_EVALUATIONS} optimizer steps), restore the best; steps: every --eval_steps; "
+                "no: a fixed schedule, the last weights evaluated once at the end (no model selection)."})
+    save_strategy: str | None = field(default=None, metadata={
+        "choices": ("no", "steps", "epoch", "best"),
+        "help": "Checkpoint cadence; default the same as --eval_strategy (and --save_steps = --eval_steps)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best one is never removed)."})
+    load_best_model_at_end: bool | None = field(default=None, metadata={
+        "help": "Restore the best checkpoint at the end; default on whenever there is evaluation during training."})
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric for model selection."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Must stay off: the image data sets have no model-argument columns."})
+    dataloader_num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
+        "help": "Processes decoding and augmenting images."})
+    dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={
+        "help": "Pin host memory (only useful with a GPU)."})
+    hub_private_repo: bool | None = field(default=None, metadata={
+        "help": "Create the Hub repository as private (old spelling: --private)."})
+    hub_revision: str | None = field(default=None, metadata={
+        "help": "Branch to push to (old spelling: --revision)."})
+    layer_decay: float = field(default=0.75, metadata={
+        "help": "lr x layer_decay^(depth from the top), in (0, 1]; 1: the same lr everywhere."})
+    warmup_ratio: float = field(default=0.1, metadata={
+        "help": "Share of the optimizer steps spent warming up, in [0, 1); ignored when --warmup_steps is given."})
+    early_stopping_patience: int = field(default=5, metadata={
+        "help": "Evaluations without improvement before stopping (an evaluation spans at least "
+                f"{MIN_STEPS_BETWEEN_EVALUATIONS} optimizer steps with --eval_strategy epoch); 0: off."})
+    license: str = field(default="apache-2.0", metadata={"help": "License in the model card metadata."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "With --push_to_hub: list what would be uploaded, upload nothing (no Hub call at all)."})
+
+    def __post_init__(self):
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer_decay must lie in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"--early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.warmup_steps == 0:
+            self.warmup_steps = self.warmup_ratio  # a float below 1 is a share of the schedule for the Trainer
+        evaluating = str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no"
+        if self.save_strategy is None:  # checkpoints where the evaluations are, so the best one can be restored
+            self.save_strategy = self.eval_strategy
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps":
+                self.save_steps = self.eval_steps or self.logging_steps  # the Trainer's eval_steps fallback
+        if self.load_best_model_at_end is None:
+            self.load_best_model_at_end = evaluating and str(
+                getattr(self.save_strategy, "value", self.save_strategy)) in (
+                str(getattr(self.eval_strategy, "value", self.eval_strategy)), "best")
+        super().__post_init__()
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments),
+                            description="Finetune an AutoMAE / ViT encoder for image classification (HF Trainer).")
+
+
+def rewrite_legacy_flags(argv: list[str]) -> list[str]:
+    """`--private` -> `--hub_private_repo true`, `--revision X` / `--revision=X` -> `--hub_revision X`."""
+    out = []
+    for token in argv:
+        name, equals, value = token.partition("=")
+        if name in LEGACY_FLAGS:
+            replacement = LEGACY_FLAGS[name]
+            if equals and len(replacement) == 1:
+                out.append(f"{replacement[0]}={value}")
+            else:
+                out.extend(replacement)
+        else:
+            out.append(token)
+    return out
+
+
+def parse_arguments(argv=None):
+    """-> (parser, ModelArguments, DataArguments, FinetuningArguments). One `.json` / `.yaml` file argument holds
+    every flag; bad values end in one `error:` line (argparse's exit code 2), not a traceback."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=rewrite_legacy_flags(argv), look_for_args_file=False,
+                                                        return_remaining_strings=True)
+            if parsed[-1]:
+                parser.error(f"unrecognized arguments: {' '.join(parsed[-1])}")
+            parsed = parsed[:-1]
+    except ValueError as error:
+        parser.error(one_line(error))
+    model_args, data_args, training_args = parsed
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id (e.g. org/name)")
+    if training_args.dry_run and not training_args.push_to_hub:
+        parser.error("--dry_run only applies with --push_to_hub")
+    if data_args.train_samples_per_class is not None and data_args.train_samples_per_class < 1:
+        parser.error(f"--train_samples_per_class must be >= 1, got {data_args.train_samples_per_class}")
+    if not 0 < data_args.validation_split_percentage < 100:
+        parser.error(f"--validation_split_percentage must lie in (0, 100), got {data_args.validation_split_percentage}")
+    return parser, model_args, data_args, training_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def load_splits(args, parser):
-    """-> (train, eval, image column, label column, label names)."""
+def load_splits(args: DataArguments, parser, seed: int, cache_dir=None):
+    """-> (train, eval, image column, label column, label names, evaluation split name)."""
     import datasets
 
     if args.dataset_name is None and args.train_dir is None:
@@ -113,13 +235,13 @@ def load_splits(args, parser):
             files = {"train": os.path.join(args.train_dir, "**")}
             if args.validation_dir:
                 files["validation"] = os.path.join(args.validation_dir, "**")
-            data = datasets.load_dataset("imagefolder", data_files=files, cache_dir=args.cache_dir)
+            data = datasets.load_dataset("imagefolder", data_files=files, cache_dir=cache_dir)
         elif os.path.isdir(args.dataset_name):
             data = datasets.load_from_disk(args.dataset_name)
         elif args.dataset_name.startswith((".", "/", "~")):
             parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
         else:
-            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=cache_dir)
     except SystemExit:
         raise
     except Exception as error:  # noqa: BLE001
@@ -154,19 +276,19 @@ def load_splits(args, parser):
         data = data.map(lambda e: {label_column: index[e[label_column]]}, desc="label ids")
         train = data[args.train_split]
     if eval_split is None:
-        held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed,
+        held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed,
                                           stratify_by_column=label_column
                                           if isinstance(train.features[label_column], datasets.ClassLabel) else None)
         train, evaluation, eval_split = held_out["train"], held_out["test"], f"{args.train_split} (held out)"
     else:
         evaluation = data[eval_split]
     if args.train_samples_per_class is not None:
-        train = few_shot(train, label_column, args.train_samples_per_class, args.seed)
+        train = few_shot(train, label_column, args.train_samples_per_class, seed)
     if args.max_train_samples is not None:
-        train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    if isinstance(train.features[image_column], datasets.Image):  # decode in the transform (corrupt -> clear error)
+    if isinstance(train.features[image_column], datasets.Image):  # decode in the workers (corrupt -> clear error)
         train = train.cast_column(image_column, datasets.Image(decode=False))
     if isinstance(evaluation.features[image_column], datasets.Image):
         evaluation = evaluation.cast_column(image_column, datasets.Image(decode=False))
@@ -188,21 +310,41 @@ def few_shot(dataset, label_column: str, per_class: int, seed: int):
     return dataset.select(sorted(keep))
 
 
-class ImageTransform:
-    """Decoded image -> normalised `[C, size, size]` float32. Train: RandomResizedCrop(0.08-1, bicubic) + flip; eval:
-    resize to size x size, which is what the saved image processor (and `pipeline`) does."""
+def selects_on_reported_split(eval_split: str) -> bool:
+    """True when `eval_split` is not a validation split (nor a held-out part of train): choosing the best
+    checkpoint on it makes the accuracy reported on that same split optimistic."""
+    return eval_split.lower() not in VALIDATION_SPLIT_NAMES and not eval_split.endswith("(held out)")
 
-    def __init__(self, size: int, mean, std, mode: str, train: bool, seed: int):
-        self.size, self.mode, self.train, self.seed = size, mode, train, seed
+
+class ClassificationImages(torch.utils.data.Dataset):
+    """A `datasets` split -> {"pixel_values": `[C, size, size]` float32, "labels": int}, decoded in the DataLoader
+    workers. Training: RandomResizedCrop(0.08-1, bicubic) + flip drawn from `default_rng([seed, epoch, index])`, so the
+    pixels depend on the seed, the epoch and the image only (not on the worker, the process or the call order);
+    evaluation: resize to size x size, which is what the saved image processor (and `pipeline`) does."""
+
+    def __init__(self, data, image_column: str, label_column: str, size: int, mean, std, mode: str, augment: bool,
+                 seed: int):
+        self.data, self.image_column, self.label_column = data, image_column, label_column
+        self.size, self.mode, self.augment, self.seed = size, mode, augment, seed
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
-        self.calls = 0
+        # In shared memory: DataLoader workers (persistent ones too) see the epoch the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    def __call__(self, value) -> np.ndarray:
+    def __len__(self):
+        return len(self.data)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def pixels(self, value, index: int) -> np.ndarray:
         image = decode_image(value, self.mode)
-        if self.train:
-            rng = np.random.default_rng([self.seed, os.getpid(), self.calls])
-            self.calls += 1
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
             left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale=(0.08, 1.0))
             image = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
@@ -214,13 +356,24 @@ class ImageTransform:
             array = array[:, :, None]
         return np.ascontiguousarray(((array - self.mean) / self.std).transpose(2, 0, 1))
 
+    def __getitem__(self, index: int):
+        example = self.data[int(index)]
+        try:
+            array = self.pixels(example[self.image_column], int(index))
+        except Exception as error:  # noqa: BLE001  (one line naming the image instead of a worker traceback)
+            raise RuntimeError(f"cannot decode image {index} of the data set: {one_line(error)}") from None
+        return {"pixel_values": torch.from_numpy(array), "labels": int(example[self.label_column])}
 
-def with_transform(dataset, transform: ImageTransform, image_column: str, label_column: str):
-    def apply(batch):
-        return {"pixel_values": [torch.from_numpy(transform(v)) for v in batch[image_column]],
-                "labels": list(batch[label_column])}
 
-    return dataset.with_transform(apply)
+class EpochToDataset(TrainerCallback):
+    """Tells the training set which epoch starts, so its augmentation is a function of (seed, epoch, index); also
+    right after `--resume_from_checkpoint`, where the Trainer's state holds the epoch reached."""
+
+    def __init__(self, dataset: ClassificationImages):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int((state.epoch or 0) + 1e-6))  # state.epoch is a float count of epochs done
 
 
 def collate(examples):
@@ -231,7 +384,7 @@ def collate(examples):
 # ----------------------------------------------------------------------------------------------------------------
 # Model and optimizer
 # ----------------------------------------------------------------------------------------------------------------
-def load_model(args, parser, names):
+def load_model(args: ModelArguments, parser, names):
     """AutoMAE / ViTMAE folders -> `AutoMAEForImageClassification`; other ViT-family -> `AutoModelForImageClassification`."""
     import automae_hf  # noqa: F401
     from transformers import AutoConfig, AutoModelForImageClassification
@@ -267,7 +420,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layer|layers)\.(\d+)\.")
 
 def layer_id(name: str, num_layers: int) -> int:
     """0 for embeddings (patch projection, CLS, positions), i + 1 for block i, num_layers + 1 for the final norm and
-    the head (BEiT / MAE's layer-wise decay)."""
+    the head (BEiT / MAE's layer-wise decay). Wrapper prefixes (FSDP, DDP, compile) do not change the answer."""
     match = _LAYER.search(name)
     if match:
         return int(match.group(1)) + 1
@@ -276,10 +429,12 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups_lrd(model, learning_rate: float, weight_decay: float, layer_decay: float):
+def param_groups_lrd(model, learning_rate: float, weight_decay: float, layer_decay: float,
+                     num_layers: int | None = None):
     """AdamW parameter groups: lr = learning_rate * layer_decay^(num_layers + 1 - layer id); no decay on 1-D
-    tensors, biases and tokens. Frozen tensors (fixed sin-cos positions) are left out."""
-    num_layers = model.config.num_hidden_layers
+    tensors, biases and tokens. Frozen tensors (fixed sin-cos positions) are left out. `num_layers` defaults to
+    `model.config.num_hidden_layers` (give it when `model` is a wrapper without a config)."""
+    num_layers = model.config.num_hidden_layers if num_layers is None else num_layers
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -292,6 +447,42 @@ def param_groups_lrd(model, learning_rate: float, weight_decay: float, layer_dec
                            "lr": learning_rate * layer_decay ** (num_layers + 1 - layer), "layer_id": layer}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]
+
+
+class FinetuningTrainer(Trainer):
+    """`Trainer` whose optimizer has one parameter group per (layer, decay / no decay) with the layer-decayed lr.
+
+    The optimizer is still created by the Trainer (`create_optimizer`, at the moment it chooses: after FSDP /
+    DeepSpeed wrapping), with the class and keyword arguments of `--optim` (fused AdamW by default); the lr schedule
+    scales every group's lr alike. `create_model_card` writes this project's card (`model_card.write_card`) instead of
+    the Trainer's, so `push_to_hub` uploads it."""
+
+    card_kwargs: dict | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                           or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+        factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
+        if factory or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            # GaLore, LOMO, Muon, ... build their own parameter groups: no layer decay with them.
+            if self.args.layer_decay != 1:
+                raise ValueError(f"--optim {self.args.optim} builds its own parameter groups; use --layer_decay 1")
+            return super().create_optimizer(model)
+        num_layers = self.accelerator.unwrap_model(self.model).config.num_hidden_layers
+        groups = param_groups_lrd(opt_model, self.args.learning_rate, self.args.weight_decay, self.args.layer_decay,
+                                  num_layers=num_layers)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_model_card(self, **kwargs):
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_card
+
+        write_card("finetuned", self.args.output_dir, **(self.card_kwargs or {}))
 
 
 def accuracy_metric():
@@ -307,35 +498,79 @@ def accuracy_metric():
                 "numpy")
 
 
+def optimizer_steps_per_epoch(num_examples: int, args: TrainingArguments) -> int:
+    """The Trainer's count: batches per process (all processes share an epoch), then gradient accumulation."""
+    batches = math.ceil(num_examples / (args.train_batch_size * max(1, args.world_size)))
+    return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+
+
+def plan_evaluation(args: FinetuningArguments, steps_per_epoch: int) -> str:
+    """Spaces evaluations (and the checkpoints that go with them) at least MIN_STEPS_BETWEEN_EVALUATIONS optimizer
+    steps apart when `--eval_strategy epoch` meets a tiny (few-shot) epoch; otherwise leaves the arguments alone.
+
+    Why: with 10 images per class an epoch is one or two steps, so evaluating every epoch writes a checkpoint per
+    step and a patience of 5 epochs stops a 50-step schedule after about 10 steps, before anything is learnt.
+    Evaluating every k whole epochs (k * steps_per_epoch >= the minimum) makes the patience span at least
+    `early_stopping_patience` x that many steps. Returns a description for the log, results and model card."""
+    if args.eval_strategy == IntervalStrategy.NO:
+        return "none during training (fixed schedule, last weights)"
+    if args.eval_strategy == IntervalStrategy.STEPS:
+        return f"every {args.eval_steps:g} optimizer steps"
+    if steps_per_epoch >= MIN_STEPS_BETWEEN_EVALUATIONS:
+        return "every epoch"
+    epochs = math.ceil(MIN_STEPS_BETWEEN_EVALUATIONS / steps_per_epoch)
+    args.eval_strategy = IntervalStrategy.STEPS
+    args.eval_steps = epochs * steps_per_epoch
+    if args.save_strategy == SaveStrategy.EPOCH:  # checkpoints stay where the evaluations are
+        args.save_strategy = SaveStrategy.STEPS
+        args.save_steps = args.eval_steps
+    logger.info("An epoch is %d optimizer step(s): evaluating every %d epochs (%d steps) instead of every epoch",
+                steps_per_epoch, epochs, args.eval_steps)
+    return f"every {epochs} epochs ({args.eval_steps} optimizer steps; an epoch is {steps_per_epoch})"
+
+
+def resolve_checkpoint(value, output_dir: str, parser):
+    """`--resume_from_checkpoint last` (or true) -> the newest checkpoint-* in --output_dir; a folder as it is."""
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in ("last", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            parser.error(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+        return last
+    if not os.path.isdir(value):
+        parser.error(f"--resume_from_checkpoint {value!r}: expected a checkpoint folder or 'last'")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_hub_arguments(args, parser)
+    parser, model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not 0 < args.layer_decay <= 1:
-        parser.error(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
-    if args.train_samples_per_class is not None and args.train_samples_per_class < 1:
-        parser.error("--train_samples_per_class must be >= 1")
+    from transformers import AutoImageProcessor, EarlyStoppingCallback, set_seed
 
-    from transformers import AutoImageProcessor, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
-
-    set_seed(args.seed)
-    train, evaluation, image_column, label_column, names, eval_split = load_splits(args, parser)
-    model = load_model(args, parser, names)
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, parser)
+    push = training_args.push_to_hub and not training_args.dry_run
+    training_args.push_to_hub = push  # a dry run must not create the repository either
+    set_seed(training_args.seed)  # the new head's initialisation
+    train, evaluation, image_column, label_column, names, eval_split = load_splits(
+        data_args, parser, training_args.seed, model_args.cache_dir)
+    model = load_model(model_args, parser, names)
     config = model.config
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     mode = {1: "L", 3: "RGB"}.get(config.num_channels)
     if mode is None:
         parser.error(f"num_channels={config.num_channels}: only grayscale (1) or RGB (3) models are supported")
     try:
-        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
+        processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     except Exception:  # noqa: BLE001
         from .export import load_image_processor
 
-        processor = load_image_processor(args.model_name_or_path, config, args.cache_dir)
+        processor = load_image_processor(model_args.model_name_or_path, config, model_args.cache_dir)
     processor.size = {"height": size, "width": size}
     if config.num_channels == 3:
         processor.do_convert_rgb = True
@@ -344,10 +579,10 @@ def main(argv=None):
     mean = mean * config.num_channels if len(mean) == 1 else mean
     std = std * config.num_channels if len(std) == 1 else std
 
-    train_ds = with_transform(train, ImageTransform(size, mean, std, mode, not args.no_augmentation, args.seed),
-                              image_column, label_column)
-    eval_ds = with_transform(evaluation, ImageTransform(size, mean, std, mode, False, args.seed), image_column,
-                             label_column)
+    seed = training_args.seed
+    train_ds = ClassificationImages(train, image_column, label_column, size, mean, std, mode,
+                                    not data_args.no_augmentation, seed)
+    eval_ds = ClassificationImages(evaluation, image_column, label_column, size, mean, std, mode, False, seed)
     compute, metric_source = accuracy_metric()
 
     def compute_metrics(prediction):
@@ -355,78 +590,80 @@ def main(argv=None):
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         return compute(np.argmax(logits, axis=-1), labels)
 
-    steps_per_epoch = math.ceil(len(train) / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        adam_beta2=args.adam_beta2,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(round(args.warmup_ratio * steps_per_epoch * max(args.num_train_epochs, 1)))
-        if args.max_steps <= 0 else int(round(args.warmup_ratio * args.max_steps)),
-        label_smoothing_factor=args.label_smoothing_factor,
-        eval_strategy=args.eval_strategy,
-        save_strategy=args.eval_strategy,
-        save_total_limit=2,
-        load_best_model_at_end=args.eval_strategy == "epoch",
-        metric_for_best_model="accuracy",
-        greater_is_better=True,
-        logging_steps=args.logging_steps,
-        remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        dataloader_num_workers=args.dataloader_num_workers,
-        report_to="none",
-        seed=args.seed,
-        bf16=args.bf16,
-        fp16=args.fp16,
-    )
-    # layer-wise lr decay needs our own param groups; fused as the Trainer's default optimizer (adamw_torch_fused)
-    optimizer = torch.optim.AdamW(param_groups_lrd(model, args.learning_rate, args.weight_decay, args.layer_decay),
-                                  lr=args.learning_rate, betas=(0.9, args.adam_beta2), fused=True)
-    selecting = args.eval_strategy == "epoch" and args.early_stopping_patience > 0
-    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if selecting else []
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collate, compute_metrics=compute_metrics, optimizers=(optimizer, None),
-                      callbacks=callbacks)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train), training_args)
+    evaluation_plan = plan_evaluation(training_args, steps_per_epoch)
+    selecting = training_args.load_best_model_at_end or (
+        training_args.eval_strategy != IntervalStrategy.NO and training_args.early_stopping_patience > 0)
+    on_reported_split = selecting and selects_on_reported_split(eval_split)
+    if on_reported_split:
+        logger.warning("Best-checkpoint selection and early stopping use the %r split, the same split the final "
+                       "accuracy is reported on, so that accuracy is optimistic. Give a validation split "
+                       "(--validation_split / --validation_dir) or train a fixed schedule (--eval_strategy no).",
+                       eval_split)
+    callbacks = [EpochToDataset(train_ds)]
+    if training_args.eval_strategy != IntervalStrategy.NO and training_args.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
+    try:
+        trainer = FinetuningTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                    data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
+                                    callbacks=callbacks)
+    except Exception as error:  # noqa: BLE001  (push_to_hub creates the repository here, before any training)
+        if not push:
+            raise
+        print(f"error: could not create the Hub repository {training_args.hub_model_id} (nothing was trained): "
+              f"{one_line(error)[:300]}", file=sys.stderr)
+        sys.exit(1)
     logger.info("Finetuning %s: %d classes, %d train / %d eval images (%s), %d layers with layer decay %.2f, "
-                "pooling %s, accuracy via %s", args.model_name_or_path, len(names), len(train), len(evaluation),
-                eval_split, config.num_hidden_layers, args.layer_decay, getattr(config, "pooling", "cls"),
-                metric_source)
-    train_result = trainer.train()
-    trainer.save_model(args.output_dir)  # the best checkpoint (load_best_model_at_end), else the last weights
-    processor.save_pretrained(args.output_dir)
+                "pooling %s, %d optimizer steps per epoch, evaluation %s, accuracy via %s",
+                model_args.model_name_or_path, len(names), len(train), len(evaluation), eval_split,
+                config.num_hidden_layers, training_args.layer_decay, getattr(config, "pooling", "cls"),
+                steps_per_epoch, evaluation_plan, metric_source)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
     metrics = {**train_result.metrics, **trainer.evaluate()}
-    metrics.update(eval_split=eval_split, train_samples=len(train), eval_samples=len(evaluation),
-                   accuracy_source=metric_source, best_checkpoint=trainer.state.best_model_checkpoint)
+    metrics.update(
+        eval_split=eval_split, train_samples=len(train), eval_samples=len(evaluation), accuracy_source=metric_source,
+        best_checkpoint=state.best_model_checkpoint if training_args.load_best_model_at_end else None,
+        global_step=state.global_step, max_steps=state.max_steps, steps_per_epoch=steps_per_epoch,
+        evaluation=evaluation_plan, stopped_early=state.global_step < state.max_steps,
+        model_selection_split=eval_split if selecting else None, selected_on_reported_split=on_reported_split,
+        seed=seed)
     trainer.save_metrics("all", {k: v for k, v in metrics.items() if v is not None})
     trainer.save_state()
 
-    from .model_card import write_card
-
-    settings = [("base model", args.model_name_or_path), ("data set", args.dataset_name or args.train_dir),
-                ("classes", len(names)), ("train / eval images", f"{len(train)} / {len(evaluation)}"),
-                ("few-shot (per class)", args.train_samples_per_class or "all"),
-                ("epochs run", f"{metrics.get('epoch', '—')}"), ("learning rate", args.learning_rate),
-                ("layer decay", args.layer_decay), ("weight decay", args.weight_decay),
-                ("pooling", getattr(config, "pooling", "cls")), ("batch size", args.per_device_train_batch_size),
-                ("augmentation", "none" if args.no_augmentation else "RandomResizedCrop(0.08-1) + flip"),
+    selection = (f"best checkpoint on {eval_split!r}" + (" (the reported split)" if on_reported_split else "")
+                 if selecting else "none (last weights)")
+    settings = [("base model", model_args.model_name_or_path),
+                ("data set", data_args.dataset_name or data_args.train_dir), ("classes", len(names)),
+                ("train / eval images", f"{len(train)} / {len(evaluation)}"),
+                ("few-shot (per class)", data_args.train_samples_per_class or "all"),
+                ("epochs run", f"{metrics.get('epoch', '—')}"),
+                ("optimizer steps", f"{state.global_step} of {state.max_steps}"),
+                ("learning rate", training_args.learning_rate), ("layer decay", training_args.layer_decay),
+                ("weight decay", training_args.weight_decay), ("pooling", getattr(config, "pooling", "cls")),
+                ("batch size", training_args.per_device_train_batch_size),
+                ("augmentation", "none" if data_args.no_augmentation else "RandomResizedCrop(0.08-1) + flip"),
+                ("evaluation", evaluation_plan), ("model selection", selection), ("seed", seed),
                 ("accuracy computed by", metric_source)]
-    write_card("finetuned", args.output_dir, repo_id=args.hub_model_id, dataset_name=args.dataset_name,
-               base_model=args.model_name_or_path, results=metrics, license=args.license,
-               extra_settings=[(k, str(v)) for k, v in settings])
-    print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "output_dir": args.output_dir}))
-    if args.push_to_hub:
-        try:
-            push_folder(args.output_dir, args.hub_model_id, args.private, args.revision, args.hub_token,
-                        dry_run=args.dry_run)
-        except HubPushError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+    trainer.card_kwargs = dict(repo_id=training_args.hub_model_id, dataset_name=data_args.dataset_name,
+                               base_model=model_args.model_name_or_path, results=metrics,
+                               license=training_args.license, extra_settings=[(k, str(v)) for k, v in settings])
+    print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "output_dir": training_args.output_dir}))
+    if not push:
+        trainer.save_model()  # the best checkpoint (load_best_model_at_end), else the last weights
+        trainer.create_model_card()
+        if training_args.dry_run:
+            push_folder(training_args.output_dir, training_args.hub_model_id, bool(training_args.hub_private_repo),
+                        training_args.hub_revision, dry_run=True, ignore_patterns=TRAINER_PUSH_IGNORE)
+        return metrics
+    try:  # saves the model and the processor, writes the card (create_model_card), uploads
+        trainer.push_to_hub(commit_message="End of training")
+    except Exception as error:  # noqa: BLE001  (offline, 401/403, ...: one clear line, the folder is complete)
+        print(f"error: could not push {training_args.output_dir} to {training_args.hub_model_id}: "
+              f"{one_line(error)[:300]}; the local folder is complete (retry with: huggingface-cli upload "
+              f"{training_args.hub_model_id} {training_args.output_dir} .)", file=sys.stderr)
+        sys.exit(1)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def add_hub_arguments(parser) -> None:
     group.add_argument("--hub_model_id", default=None, help="Repository id, e.g. `org/automae-vit-tiny`.")
     group.add_argument("--private", action="store_true", help="Create the repository as private.")
     group.add_argument("--revision", default=None, help="Branch to push to (created when missing); default main.")
-    group.add_argument("--hub_token", default=None, help="Token; default HF_TOKEN or the `huggingface-cli login` cache.")
+    group.add_argument("--hub_token", "--token", dest="hub_token", default=None,
+                       help="Token; default HF_TOKEN or the `huggingface-cli login` cache.")
     group.add_argument("--dry_run", action="store_true", help="With --push_to_hub: list what would be uploaded, upload nothing.")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""AutoMAE pretraining with Accelerate over Hugging Face datasets (issue 3).
+"""AutoMAE pretraining with Accelerate over Hugging Face datasets.
 
 The same script runs with `python training/pretrain.py ...` (one process: CPU or one GPU) and
 `accelerate launch training/pretrain.py ...` (DDP on CPU/GPUs/nodes, mixed precision, gradient accumulation).
@@ -49,6 +49,8 @@ from .data import (
     make_stream_transform,
     one_line,
 )
+from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
+from .model_card import hub_id
 from .pictures import save_image_grid
 
 logger = logging.getLogger("automae.pretrain")
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache_dir", default=None, help="Where downloaded data sets and models are cached.")
 
     m = p.add_argument_group("model")
+    m.add_argument("--allow_any_model_type", action="store_true",
+                   help="Start from a --model_name_or_path whose model type is not automae / vit_mae / vit (its "
+                        "matching weights are used, the rest initialised).")
+    m.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow remote code when loading --model_name_or_path / --teacher_name_or_path configs.")
     m.add_argument("--model_name_or_path", default=None,
                    help="Start from this checkpoint (AutoMAE or ViTMAE folder / Hub id); random init when unset.")
     m.add_argument("--config_name", default=None, help="Config (folder / Hub id) for a model trained from scratch.")
@@ -122,11 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     t.add_argument("--num_train_epochs", type=float, default=800, help="Epochs (ignored when --max_train_steps is set).")
     t.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps (overrides epochs).")
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help="Absolute peak learning rate; unset: base_learning_rate * effective batch / 256 (MAE's rule).")
+    t.add_argument("--lr_scheduler_type", default="cosine",
+                   help="Any `transformers.SchedulerType` (cosine, linear, constant_with_warmup, ...), stepped once per "
+                        "optimizer step after the warm-up.")
     t.add_argument("--base_learning_rate", type=float, default=1.5e-4,
                    help="lr = base_learning_rate * per_device batch * accumulation * processes / 256.")
     t.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens).")
     t.add_argument("--warmup_epochs", type=float, default=40, help="Linear warm-up length in epochs, then cosine to 0.")
-    t.add_argument("--warmup_steps", type=int, default=None, help="Warm-up in optimizer steps (overrides epochs).")
+    t.add_argument("--warmup_steps", "--num_warmup_steps", dest="warmup_steps", type=int, default=None,
+                   help="Warm-up in optimizer steps (overrides epochs).")
     t.add_argument("--adam_beta1", type=float, default=0.9)
     t.add_argument("--adam_beta2", type=float, default=0.95)
     t.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
@@ -147,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--image_log_steps", type=int, default=0,
                     help="Save a PNG grid every N steps (image, the strategy's guide: box patches / teacher attention / "
                          "mask probability, the mask, the reconstruction); 0: off.")
+    add_hub_arguments(p)
+    p.add_argument("--push_teacher", action="store_true",
+                   help="With --push_to_hub: also upload the frozen teacher's weights (by default the pushed checkpoint "
+                        "names its teacher by Hub id and from_pretrained loads it from there).")
     lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
     lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
     lg.add_argument("--debug_kill_during_checkpoint", type=int, default=None, help=argparse.SUPPRESS)
@@ -181,9 +198,51 @@ def preset_names() -> list[str]:
     return sorted(AUTOMAE_PRESETS)
 
 
+STARTING_POINT_TYPES = ("automae", "vit_mae", "vit")  # checkpoints whose weights map onto the student
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
+
+
+def _check_arguments(args, parser) -> None:
+    """Everything that can be refused before any work starts, each with one line naming the flag."""
+    if args.streaming and args.cache_teacher_attention:
+        parser.error("--cache_teacher_attention needs a map-style data set, not --streaming")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no length)")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be a positive number of optimizer steps, got {args.max_train_steps}")
+    if not args.num_train_epochs > 0:
+        parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        parser.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
+    from transformers import SchedulerType
+
+    if args.lr_scheduler_type not in {kind.value for kind in SchedulerType}:
+        parser.error(f"--lr_scheduler_type must be one of {sorted(kind.value for kind in SchedulerType)}, "
+                     f"got {args.lr_scheduler_type!r}")
+    check_hub_arguments(args, parser)
+    for flag in ("model_name_or_path", "config_name", "teacher_name_or_path"):
+        value = getattr(args, flag)
+        if value and value.lower() not in ("none", "self") and _looks_like_a_path(value) and not os.path.isdir(value):
+            parser.error(f"--{flag} {value!r}: no such folder")
+
+
 def build_model(args, parser):
+    """-> (the `AutoMAEForPreTraining` to train, its teacher mode: "teacher" (a frozen pretrained ViT), "self" (the
+    student's own attention) or "none" (a strategy without teacher)). The teacher is loaded, never random."""
+    from transformers import AutoConfig
+
     from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
-    from automae_hf.configuration_automae import AUTOMAE_PRESETS
+    from automae_hf.configuration_automae import AUTOMAE_PRESETS, TEACHER_SELF
+    from automae_hf.masking import MASKING_STRATEGIES
 
     overrides = {}
     if args.preset is not None:
@@ -197,22 +256,26 @@ def build_model(args, parser):
     if args.norm_pix_loss:
         overrides["norm_pix_loss"] = True
     teacher = args.teacher_name_or_path
-    if teacher is not None and teacher.lower() == "none":  # the historical spelling of plain MAE
-        if args.masking not in (None, "random", "box_prior"):
+    if teacher is not None and teacher.lower() == "none":  # plain MAE, the baseline
+        if args.masking is not None and MASKING_STRATEGIES[args.masking].uses_teacher:
             parser.error(f"--masking {args.masking} needs a teacher; --teacher_name_or_path none means random masking")
         overrides["masking"] = args.masking or "random"
+        teacher = None
     elif args.masking is not None:
         overrides["masking"] = args.masking
-        if args.masking in ("random", "box_prior") and teacher is not None:
+        if not MASKING_STRATEGIES[args.masking].uses_teacher and teacher is not None:
             logger.warning("--masking %s uses no teacher: --teacher_name_or_path %s is ignored", args.masking, teacher)
             teacher = None
+    loading = dict(cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
     try:
         if args.model_name_or_path:
-            base = AutoMAEConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir)
-        elif args.config_name:
-            base = AutoMAEConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir)
-        else:
-            base = AutoMAEConfig()
+            source_type = AutoConfig.from_pretrained(args.model_name_or_path, **loading).model_type
+            if source_type not in STARTING_POINT_TYPES and not args.allow_any_model_type:
+                parser.error(f"--model_name_or_path {args.model_name_or_path!r} is a {source_type!r} checkpoint; "
+                             f"expected one of {STARTING_POINT_TYPES} (pass --allow_any_model_type to start from "
+                             "its matching weights anyway)")
+        base_source = args.model_name_or_path or args.config_name
+        base = AutoMAEConfig.from_pretrained(base_source, cache_dir=args.cache_dir) if base_source else AutoMAEConfig()
         values = base.to_dict()
         unknown = [k for k in overrides if k not in values and not hasattr(base, k)]
         if unknown:
@@ -223,47 +286,48 @@ def build_model(args, parser):
         if "hidden_size" in overrides or "num_attention_heads" in overrides:
             if not (base.teacher_config and "teacher_config" in overrides):
                 values["teacher_config"] = None if not args.model_name_or_path else values.get("teacher_config")
-        if teacher is not None and teacher.lower() not in ("none", "self") and values.get("masking") in (
-            "learned", "attention"
+        uses_teacher = MASKING_STRATEGIES[values.get("masking", "learned")].uses_teacher
+        if uses_teacher and teacher is None and not values.get("teacher_name_or_path") and not (
+            args.model_name_or_path and values.get("teacher_config")
         ):
+            logger.info("No --teacher_name_or_path: teacher-free, the student's own attention guides the mask")
+            teacher = TEACHER_SELF
+        if uses_teacher and teacher is not None and teacher.lower() == TEACHER_SELF:
+            values["teacher_name_or_path"], values["teacher_config"] = TEACHER_SELF, None
+            teacher = None
+        elif uses_teacher and teacher is not None:
             # The score head is sized by the teacher's heads: build it from the teacher's own config.
-            from transformers import AutoConfig
-
             try:
-                teacher_config = AutoConfig.from_pretrained(teacher, cache_dir=args.cache_dir).to_dict()
+                teacher_config = AutoConfig.from_pretrained(teacher, **loading).to_dict()
             except Exception as error:  # noqa: BLE001
                 parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
             values["teacher_config"] = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
-        config = AutoMAEConfig(**values)
+            values["teacher_name_or_path"] = teacher  # from_pretrained loads it when the checkpoint has none
+        config = AutoMAEConfig(**{**values, "teacher_name_or_path": None} if teacher and not args.model_name_or_path
+                               else values)
     except SystemExit:
         raise
     except Exception as error:  # noqa: BLE001
         parser.error(f"impossible model config: {one_line(error)}")
     try:
         if args.model_name_or_path:
-            model = AutoMAEForPreTraining.from_pretrained(args.model_name_or_path, config=config, cache_dir=args.cache_dir)
+            model, info = AutoMAEForPreTraining.from_pretrained(args.model_name_or_path, config=config,
+                                                                output_loading_info=True, **loading)
+            teacher_loaded = any(k.startswith("mask_generator.teacher.") for k in info["missing_keys"])
         else:
-            model = AutoMAEForPreTraining(config)
+            model, teacher_loaded = AutoMAEForPreTraining(config), False
+        if teacher is not None and not teacher_loaded:
+            model.load_teacher(teacher, **loading)
     except Exception as error:  # noqa: BLE001
-        parser.error(f"cannot build the model: {one_line(error)}")
-
-    mode = "none" if config.masking in ("random", "box_prior") else "teacher"
-    if mode == "teacher":
-        if teacher is None:
-            if not config.teacher_name_or_path:
-                logger.warning("No --teacher_name_or_path: teacher-free mode (the student's own attention).")
-                mode = "self"
-        elif teacher.lower() == "self":
-            mode = "self"
-        else:
-            try:
-                model.load_teacher(teacher, cache_dir=args.cache_dir)
-            except Exception as error:  # noqa: BLE001
-                parser.error(f"--teacher_name_or_path {teacher!r}: {one_line(error)}")
-    return model, mode
+        what = f"--teacher_name_or_path {teacher!r}" if teacher else "cannot build the model"
+        parser.error(f"{what}: {one_line(error)}")
+    if model.mask_generator is None:
+        return model, "none"
+    return model, "self" if model.config.teacher_is_self else "teacher"
 
 
 def student_param_groups(model, weight_decay: float):
+    """AdamW groups: weight decay on matrices only (not on biases, norms, tokens, position tables), as MAE."""
     student_ids = {id(p) for p in model.student_parameters()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -277,36 +341,14 @@ def student_param_groups(model, weight_decay: float):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Set-up
 # ----------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
-    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
-
-    if args.streaming and args.cache_teacher_attention:
-        parser.error("--cache_teacher_attention needs a map-style data set, not --streaming")
-    if args.streaming and args.max_train_steps is None:
-        parser.error("--streaming needs --max_train_steps (a stream has no length)")
-    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
-        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
-            parser.error(f"--checkpointing_steps must be a positive integer or 'epoch', got {args.checkpointing_steps!r}")
-
-    import transformers
+def make_accelerator(args):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration, set_seed
-    try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
-        from transformers import ViTImageProcessorPil as ViTImageProcessor
-    except ImportError:
-        from transformers import ViTImageProcessor
-
-    from automae_hf.masking import mask_entropy
-    from automae_hf.teacher import resize_attention, teacher_cls_attention
+    from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(args.output_dir)
-    accelerator_kwargs = dict(
+    kwargs = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # Streaming: every process reads its own batches (undecodable images make them uneven).
@@ -315,50 +357,61 @@ def main(argv=None):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     if args.mixed_precision is not None:
-        accelerator_kwargs["mixed_precision"] = args.mixed_precision
+        kwargs["mixed_precision"] = args.mixed_precision
     if args.with_tracking:
-        accelerator_kwargs["log_with"] = args.report_to
-    # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP over gloo on the CPU
-    # (`accelerate launch --cpu` alone starts a single process unless run under mpirun).
+        kwargs["log_with"] = args.report_to
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: DDP over gloo on the CPU.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not (
         hasattr(torch, "xpu") and torch.xpu.is_available()
     ):
-        accelerator_kwargs["cpu"] = True
-    accelerator = Accelerator(**accelerator_kwargs)
-    if not accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        logger.setLevel(logging.ERROR)
-    set_seed(args.seed)
+        kwargs["cpu"] = True
+    return Accelerator(**kwargs)
 
-    # ---- data -----------------------------------------------------------------------------------------------
-    model, teacher_mode = build_model(args, parser)
-    config = model.config
+
+def image_processor_for(args, config):
+    """-> (the image processor saved with the model, per-channel mean, per-channel std): the one named, the
+    checkpoint's, else MAE's ImageNet normalisation (averaged over channels for grayscale)."""
+    try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:
+        from transformers import ViTImageProcessor
+
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    pil_mode = {1: "L", 3: "RGB"}.get(config.num_channels)
-    if pil_mode is None:
-        parser.error(f"num_channels={config.num_channels}: only 1 (grayscale) or 3 (RGB) images are supported")
     processor = None
     for source in (args.image_processor_name, args.model_name_or_path):
         if source:
             try:
                 processor = ViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir)
                 break
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001  (a checkpoint without a processor: the default below)
                 pass
-    mean0, std0 = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     if processor is None:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         if config.num_channels == 1:
-            mean0, std0 = (float(np.mean(mean0)),), (float(np.mean(std0)),)
-        processor = ViTImageProcessor(image_mean=list(mean0), image_std=list(std0), size={"height": size, "width": size})
+            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+        processor = ViTImageProcessor(image_mean=list(mean), image_std=list(std), size={"height": size, "width": size})
     processor.size = {"height": size, "width": size}
-    mean = list(processor.image_mean)[: config.num_channels] if len(processor.image_mean) >= config.num_channels else [processor.image_mean[0]] * config.num_channels
-    std = list(processor.image_std)[: config.num_channels] if len(processor.image_std) >= config.num_channels else [processor.image_std[0]] * config.num_channels
 
+    def per_channel(values):
+        values = list(values)
+        return values[: config.num_channels] if len(values) >= config.num_channels else values[:1] * config.num_channels
+
+    return processor, per_channel(processor.image_mean), per_channel(processor.image_std)
+
+
+def build_training_data(args, parser, accelerator, model, teacher_mode, mean, std):
+    """-> (the training data set, its DataLoader). Map-style sets decode and augment in the loader's workers;
+    `--cache_teacher_attention` first adds the teacher's maps of every image as a column."""
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    pil_mode = {1: "L", 3: "RGB"}.get(config.num_channels)
+    if pil_mode is None:
+        parser.error(f"num_channels={config.num_channels}: only 1 (grayscale) or 3 (RGB) images are supported")
     with accelerator.main_process_first():
         hf_data, column, box_column = load_images(args, parser, with_boxes=config.masking == "box_prior")
     if args.streaming:
-        train_dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode, box_column, args.box_format),
-                                    remove_columns=[column] + ([box_column] if box_column else []))
+        dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode, box_column, args.box_format),
+                              remove_columns=[column] + ([box_column] if box_column else []))
     else:
         if len(hf_data) == 0:
             parser.error("the training set is empty")
@@ -370,36 +423,118 @@ def main(argv=None):
             with accelerator.main_process_first():
                 hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
                                                 generator_module.teacher_attention, 256, accelerator.device)
-        train_dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column,
-                                        args.box_format)
+        dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column, args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
                          num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-                         persistent_workers=False)
+                         persistent_workers=False)  # set_epoch must reach the dataset copy in each worker
     if args.dataloader_num_workers > 0:
         loader_kwargs["prefetch_factor"] = 4
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
+    loader = torch.utils.data.DataLoader(dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
+    return dataset, loader, box_column
 
-    # ---- optimizers and schedules --------------------------------------------------------------------------
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    lr = args.base_learning_rate * effective_batch / 256
-    # fused (the Trainer's default): one kernel per step instead of one per tensor, 4x faster on a tiny CPU model
+
+def build_optimizers(args, model, effective_batch):
+    """-> (lr, student AdamW, D's Adam or None). lr = base_learning_rate * effective batch / 256 unless
+    --learning_rate is given; both optimizers fused unless --optim adamw_torch (the Trainer's default is fused)."""
+    lr = args.learning_rate if args.learning_rate is not None else args.base_learning_rate * effective_batch / 256
     fused = args.optim == "adamw_torch_fused"
-    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay), lr=lr,
-                                          betas=(args.adam_beta1, args.adam_beta2), fused=fused)
-    discriminator = model.discriminator
+    betas = (args.adam_beta1, args.adam_beta2)
+    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay), lr=lr, betas=betas,
+                                          fused=fused)
     d_optimizer = None
-    if discriminator is not None:
-        # D: Adam with the student's betas (0.9, 0.95 by default), no weight decay, as the reference
-        d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                       fused=fused)
+    if model.discriminator is not None:  # D: Adam, no weight decay, the student's betas and schedule, as MAE's
+        d_optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=lr, betas=betas, fused=fused)
+    return lr, student_optimizer, d_optimizer
 
-    # DDP: the student's DDP must not own D's parameters (they get no gradient from the student loss); D gets its own.
-    if discriminator is not None:
+
+def make_schedule(args, optimizer, warmup_steps: int, max_train_steps: int):
+    """Not prepared by accelerate: stepped by hand once per optimizer step (a prepared scheduler steps
+    num_processes times)."""
+    import transformers
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return transformers.get_scheduler(args.lr_scheduler_type, inner, num_warmup_steps=warmup_steps,
+                                      num_training_steps=max_train_steps)
+
+
+def run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column) -> dict:
+    """What the run folder says about itself (`train_summary.json`): Hub ids only, never local paths."""
+    teacher = args.teacher_name_or_path if teacher_mode == "teacher" else teacher_mode
+    return {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
+            "teacher_name_or_path": hub_id(teacher) or (teacher if teacher_mode != "teacher" else None),
+            "dataset_name": hub_id(args.dataset_name), "dataset_config_name": args.dataset_config_name,
+            "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
+            "mask_factor": config.mask_factor, "masking": config.masking,
+            "box_column_name": box_column, "box_format": args.box_format if box_column else None}
+
+
+def push_run(args, model, processor, output_dir: Path) -> None:
+    """Uploads the run as a Hub checkpoint from `output_dir/hub`: the student, score head and D, the teacher only
+    with --push_teacher (else the config names it by Hub id and `from_pretrained` fetches it), no local paths."""
+    from .model_card import write_card
+
+    push_dir = output_dir / "hub"
+    shutil.rmtree(push_dir, ignore_errors=True)
+    teacher = model.config.teacher_name_or_path
+    state = model.state_dict()
+    if not args.push_teacher:
+        state = {k: v for k, v in state.items() if not k.startswith("mask_generator.teacher.")}
+        if teacher and not model.config.teacher_is_self and not hub_id(teacher):
+            logger.warning("The teacher %s is a local folder: the pushed checkpoint names no teacher; pass "
+                           "--push_teacher to include its weights", teacher)
+    saved_name = model.config.teacher_name_or_path
+    model.config.teacher_name_or_path = saved_name if model.config.teacher_is_self else hub_id(saved_name)
+    try:
+        model.save_pretrained(str(push_dir), state_dict=state)
+    finally:
+        model.config.teacher_name_or_path = saved_name
+    processor.save_pretrained(str(push_dir))
+    for name in ("train_summary.json", "train_log.jsonl"):
+        if (output_dir / name).exists():
+            shutil.copy(output_dir / name, push_dir / name)
+    write_card("pretraining", push_dir, repo_id=args.hub_model_id, dataset_name=hub_id(args.dataset_name))
+    try:
+        push_folder(push_dir, args.hub_model_id, private=args.private, revision=args.revision, token=args.hub_token,
+                    dry_run=args.dry_run)
+    except HubPushError as error:
+        logger.error("%s", error)
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
+    _check_arguments(args, parser)
+    import transformers
+    from accelerate.utils import set_seed
+
+    from automae_hf.masking import mask_entropy
+
+    # ---- set-up: accelerator, model and teacher, data, optimizers, schedules, resume ----------------------------
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        logger.setLevel(logging.ERROR)
+    set_seed(args.seed)
+    model, teacher_mode = build_model(args, parser)
+    config = model.config
+    processor, mean, std = image_processor_for(args, config)
+    train_dataset, train_dataloader, box_column = build_training_data(args, parser, accelerator, model, teacher_mode,
+                                                                      mean, std)
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    lr, student_optimizer, d_optimizer = build_optimizers(args, model, effective_batch)
+    discriminator = model.discriminator
+    if discriminator is not None:  # the student's DDP must not own D (no gradient from the student loss): D gets its own
         ignore = [n for n, _ in model.named_parameters() if n.startswith("discriminator.")]
         ignore += [n for n, _ in model.named_buffers() if n.startswith("discriminator.")]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-
-    if discriminator is not None:
         model, discriminator, student_optimizer, d_optimizer, train_dataloader = accelerator.prepare(
             model, discriminator, student_optimizer, d_optimizer, train_dataloader)
     else:
@@ -407,9 +542,7 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
 
     if args.streaming:
-        steps_per_epoch = None
-        max_train_steps = args.max_train_steps
-        num_epochs = 10**9
+        steps_per_epoch, max_train_steps, num_epochs = None, args.max_train_steps, 10**9
     else:
         steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -419,10 +552,8 @@ def main(argv=None):
     else:
         warmup_steps = int(round(args.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
     warmup_steps = min(warmup_steps, max_train_steps)
-    # Not prepared: stepped by hand once per optimizer step (a prepared scheduler steps num_processes times).
-    student_scheduler = transformers.get_cosine_schedule_with_warmup(student_optimizer.optimizer if hasattr(student_optimizer, "optimizer") else student_optimizer, warmup_steps, max_train_steps)
-    d_scheduler = (transformers.get_cosine_schedule_with_warmup(d_optimizer.optimizer if hasattr(d_optimizer, "optimizer") else d_optimizer, warmup_steps, max_train_steps)
-                   if d_optimizer is not None else None)
+    student_scheduler = make_schedule(args, student_optimizer, warmup_steps, max_train_steps)
+    d_scheduler = make_schedule(args, d_optimizer, warmup_steps, max_train_steps) if d_optimizer is not None else None
 
     # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
     # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
@@ -431,7 +562,6 @@ def main(argv=None):
     accelerator.register_for_checkpointing(state, student_scheduler)
     if d_scheduler is not None:
         accelerator.register_for_checkpointing(d_scheduler)
-
     checkpoint_root = output_dir / "checkpoints"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +571,6 @@ def main(argv=None):
     if args.with_tracking:
         accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                        for k, v in vars(args).items()})
-
     if args.resume_from_checkpoint:
         path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
                 else Path(args.resume_from_checkpoint))
@@ -455,86 +584,74 @@ def main(argv=None):
     start_step = state.completed_steps
     start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
     skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
+    teacher_name = {"none": "none", "self": "self (the student's own attention)"}.get(
+        teacher_mode, args.teacher_name_or_path or config.teacher_name_or_path or "the checkpoint's")
+    logger.info("AutoMAE pretraining: masking=%s, teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch "
+                "%d), %d processes", config.masking, teacher_name, len(train_dataset) if not args.streaming else -1,
+                max_train_steps, lr, effective_batch, accelerator.num_processes)
 
-    logger.info("AutoMAE pretraining: masking=%s, teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch %d), "
-                "%d processes", config.masking, teacher_mode, len(train_dataset) if not args.streaming else -1, max_train_steps, lr,
-                effective_batch, accelerator.num_processes)
+    # ---- the iteration: teacher attention once -> D step -> student + score-head step (docs/method.md §3) -------
+    def discriminator_step(attention):
+        """Through the DDP-wrapped D (real and fake in one call, so its gradients sync)."""
+        output = unwrapped.discriminator_loss(teacher_attention=attention, generator=noise_generator,
+                                              discriminator=discriminator)
+        accelerator.backward(output.loss)
+        d_optimizer.step()
+        d_optimizer.zero_grad(set_to_none=True)
+        return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
+                    d_fake_accuracy=output.fake_accuracy)
+
+    def train_step(batch):
+        pixel_values = batch["pixel_values"]
+        metrics = {}
+        with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
+            attention = None
+            if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
+                attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
+            elif teacher_mode != "none":
+                with accelerator.autocast():
+                    attention = unwrapped.teacher_attention(pixel_values)
+            if discriminator is not None:
+                metrics.update(discriminator_step(attention))
+            boxes = batch.get("boxes") if config.masking == "box_prior" else None
+            box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
+            output = model(pixel_values, teacher_attention=attention, generator=noise_generator, **box_kwargs)
+            accelerator.backward(output.loss)
+            student_optimizer.step()
+            student_optimizer.zero_grad(set_to_none=True)
+        metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
+        if output.generator_loss is not None:
+            metrics["generator_loss"] = output.generator_loss.detach()
+        if output.mask_probs is not None:
+            metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+        return output, metrics
 
     from tqdm.auto import tqdm
 
     progress = tqdm(total=max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process,
                     desc="pretrain", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
     log_file = open(output_dir / "train_log.jsonl", "a") if accelerator.is_main_process else None
-    grid = config.grid_size
     model.train()
     if discriminator is not None:
         discriminator.train()
-
-    def get_teacher_attention(pixel_values):
-        with torch.no_grad(), accelerator.autocast():
-            if teacher_mode == "self":
-                was_training = unwrapped.vit.training
-                unwrapped.vit.eval()
-                attention = resize_attention(teacher_cls_attention(unwrapped.vit, pixel_values), grid)
-                unwrapped.vit.train(was_training)
-                return attention.float()
-            return unwrapped.mask_generator.teacher_attention(pixel_values).float()
-
-    def discriminator_step(attention):
-        """The D step, through the DDP-wrapped D (real and fake in one call, so its gradients sync)."""
-        output = unwrapped.discriminator_loss(
-            teacher_attention=attention, generator=noise_generator, discriminator=discriminator
-        )
-        accelerator.backward(output.loss)
-        d_optimizer.step()
-        d_optimizer.zero_grad(set_to_none=True)
-        return output.loss.detach(), output.real_accuracy, output.fake_accuracy
-
-    completed = start_step
-    window_images, window_start = 0, time.perf_counter()
-    sums: dict[str, float] = {}
-    sum_count = 0
-    micro_in_step = 0
-    last_saved = None
-    done = completed >= max_train_steps
-    epoch = start_epoch
+    completed, micro_in_step, last_saved = start_step, 0, None
+    window_images, window_start, sums, sum_count = 0, time.perf_counter(), {}, 0
+    done, epoch = completed >= max_train_steps, start_epoch
     while not done and epoch < num_epochs:
-        if hasattr(train_dataset, "set_epoch"):
-            train_dataset.set_epoch(epoch)
-        if hasattr(train_dataloader, "set_epoch"):
-            train_dataloader.set_epoch(epoch)
+        for owner in (train_dataset, train_dataloader):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
         loader = train_dataloader
         if epoch == start_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in loader:
-            skipped = int(batch["skipped"])
-            state.skipped_images += skipped
-            pixel_values = batch["pixel_values"]
-            if pixel_values is None:  # only possible when streaming: a whole batch undecodable
+            state.skipped_images += int(batch["skipped"])
+            if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
                 continue
             micro_index = completed * args.gradient_accumulation_steps + micro_in_step
             noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
-            with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
-                metrics = {}
-                if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
-                    attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
-                else:
-                    attention = get_teacher_attention(pixel_values) if teacher_mode != "none" else None
-                if discriminator is not None:
-                    d_loss, real_acc, fake_acc = discriminator_step(attention)
-                    metrics.update(d_loss=d_loss, d_real_accuracy=real_acc, d_fake_accuracy=fake_acc)
-                boxes = batch.get("boxes") if config.masking == "box_prior" else None
-                box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
-                output = model(pixel_values, teacher_attention=attention, generator=noise_generator, **box_kwargs)
-                accelerator.backward(output.loss)
-                student_optimizer.step()
-                student_optimizer.zero_grad(set_to_none=True)
-                metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
-                if output.generator_loss is not None:
-                    metrics["generator_loss"] = output.generator_loss.detach()
-                if output.mask_probs is not None:
-                    metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
-            window_images += pixel_values.shape[0]
+            output, metrics = train_step(batch)
+            window_images += batch["pixel_values"].shape[0]
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             sum_count += 1
@@ -542,7 +659,6 @@ def main(argv=None):
             if not accelerator.sync_gradients:
                 continue
             micro_in_step = 0
-
             student_scheduler.step()
             if d_scheduler is not None:
                 d_scheduler.step()
@@ -558,19 +674,16 @@ def main(argv=None):
                 log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
                            skipped_images=int(stats[1]), epoch=epoch, step=completed)
                 progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
-                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")},
-                                     refresh=False)
+                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")}, refresh=False)
                 if args.with_tracking:
                     accelerator.log(log, step=completed)
                 if log_file is not None:
                     log_file.write(json.dumps(log) + "\n")
                     log_file.flush()
                 sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
-
             if args.image_log_steps and completed % args.image_log_steps == 0 and accelerator.is_main_process:
-                save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, pixel_values,
+                save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, batch["pixel_values"],
                                 output, mean, std, boxes=batch.get("boxes"))
-
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
                 save_checkpoint(accelerator, checkpoint_root, completed,
@@ -589,6 +702,7 @@ def main(argv=None):
         epoch += 1
     progress.close()
 
+    # ---- the end: last checkpoint, the model folder, the summary, the push -------------------------------------
     if last_saved != completed:
         save_checkpoint(accelerator, checkpoint_root, completed)
     accelerator.wait_for_everyone()
@@ -599,14 +713,11 @@ def main(argv=None):
     if accelerator.is_main_process:
         unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
         processor.save_pretrained(str(output_dir))
-        summary = {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
-                   "teacher_name_or_path": args.teacher_name_or_path, "output_dir": str(output_dir),
-                   "dataset_name": args.dataset_name or args.train_dir, "dataset_config_name": args.dataset_config_name,
-                   "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
-                   "mask_factor": config.mask_factor, "masking": config.masking,
-                   "box_column_name": box_column, "box_format": args.box_format if box_column else None}
+        summary = run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
+        if args.push_to_hub:
+            push_run(args, unwrapped, processor, output_dir)
     if log_file is not None:
         log_file.close()
     if args.with_tracking:

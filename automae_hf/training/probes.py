@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import decode_image
+
 
 @torch.no_grad()
 def extract_features(
@@ -136,8 +138,10 @@ def evaluate_features(train_f, train_y, test_f, test_y, samples_per_class=None, 
 
 # ---- command line --------------------------------------------------------------------------------------------------
 def _load_split(dataset, image_column, label_column, processor, num_channels):
+    """-> pixel_values `[N, C, H, W]` (the processor's), labels `[N]`; images decoded as in pretraining and
+    finetuning (`data.decode_image`: transparent pixels composited on white, not the colour hidden under them)."""
     mode = "L" if num_channels == 1 else "RGB"
-    images = [image.convert(mode) for image in dataset[image_column]]
+    images = [decode_image(image, mode) for image in dataset[image_column]]
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     return pixel_values[:, :num_channels], torch.tensor(dataset[label_column])
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Pictures of what an AutoMAE pretraining checkpoint does to given images (issue 4, item 7).
+"""Pictures of what an AutoMAE pretraining checkpoint does to given images.
 
     python training/visualize.py --model_name_or_path runs/pretrain --images a.jpg b.png --output_dir pictures
 
-One PNG per image, panels left to right: the input | the learned mask probability p (heatmap, black = low, white =
-high) | the sampled mask (masked patches black) | the reconstruction (visible patches pasted back, masked ones
-predicted) | the prediction alone for every patch. Under norm-pix loss the decoder predicts per-patch normalised
-pixels; the per-patch mean and variance of the target are put back before un-normalising with the image processor's
-mean/std. The teacher is the one pretraining used: the checkpoint's (a `--teacher_name_or_path` run), or the student's
-own attention for a teacher-free ('self') run, read from `train_summary.json` (override with `--teacher`).
+One PNG per image, drawn by `pictures.py` like the training-time grids: titled columns (for learned masking: the
+input | teacher attention, mean over heads | learned p = softmax(mask_logits) | sampled mask, black = masked |
+reconstruction, visible patches pasted back | the prediction alone for every patch) and a legend. Under norm-pix loss
+the per-patch mean and variance of the target are put back before un-normalising with the image processor's mean/std.
+Images are decoded as in pretraining (transparency composited on white). The teacher is the one pretraining used: the
+checkpoint's (a `--teacher_name_or_path` run), or the student's own attention for a teacher-free ('self') run, read
+from `train_summary.json` (override with `--teacher`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .data import decode_image
+from .pictures import picture_arrays, picture_columns, render_grid, unnormalize_prediction  # noqa: F401
 
 
 def teacher_mode_of(folder) -> str:
@@ -31,85 +33,34 @@ def teacher_mode_of(folder) -> str:
         return "checkpoint"
 
 
-def unnormalize_prediction(model, pixel_values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Decoder output `[B, L, p*p*C]` -> patches in the (normalised) input's pixel space: under norm-pix loss the
-    target's per-patch mean and variance are put back (the inverse of `reconstruction_targets`)."""
-    if not model.config.norm_pix_loss:
-        return logits
-    target = model.patchify(pixel_values)
-    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-    return logits * (var + 1.0e-6) ** 0.5 + mean
-
-
 @torch.no_grad()
 def mask_pictures(model, pixel_values: torch.Tensor, image_mean, image_std, teacher: str = "checkpoint",
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Runs one masked pass. Returns float arrays in [0, 1]: image, reconstruction, prediction `[B, H, W, C]`;
-    mask_probs `[B, h, w]` (None with random masking); mask `[B, h, w]` (1 = masked)."""
+    """Runs one masked pass of `[B, C, H, W]` normalised `pixel_values`, the teacher's attention from the checkpoint
+    teacher or (`teacher="self"`) the student's own encoder. Returns `pictures.picture_arrays`' dict: image,
+    reconstruction, prediction `[B, H, W, C]` in [0, 1]; mask `[B, h, w]` (1 = masked); teacher_attention, learned_p,
+    mask_probs `[B, h, w]` (None where the strategy has none). Without boxes, box_prior masking is random masking: no
+    box column."""
     from automae_hf.teacher import resize_attention, teacher_cls_attention
 
     model.eval()
-    grid = model.config.grid_size
     attention = None
     if model.mask_generator is not None:
         if teacher == "self":
-            attention = resize_attention(teacher_cls_attention(model.vit, pixel_values), grid).float()
+            attention = resize_attention(teacher_cls_attention(model.vit, pixel_values), model.config.grid_size).float()
         else:
             attention = model.mask_generator.teacher_attention(pixel_values).float()
     output = model(pixel_values, teacher_attention=attention, generator=torch.Generator().manual_seed(seed))
-    predicted = unnormalize_prediction(model, pixel_values, output.logits.float())
-    mask = output.mask.float()
-    pasted = model.patchify(pixel_values) * (1 - mask[..., None]) + predicted * mask[..., None]
-    size = tuple(pixel_values.shape[-2:])
-    channels = pixel_values.shape[1]
-    mean = torch.tensor(list(image_mean)[:channels], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(list(image_std)[:channels], dtype=torch.float32).view(1, -1, 1, 1)
-
-    def to_image(x):
-        return (x.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-
-    return {
-        "image": to_image(pixel_values),
-        "reconstruction": to_image(model.unpatchify(pasted, size)),
-        "prediction": to_image(model.unpatchify(predicted, size)),
-        "mask": mask.view(-1, *grid).cpu().numpy(),
-        "mask_probs": None if output.mask_probs is None else output.mask_probs.float().view(-1, *grid).cpu().numpy(),
-    }
+    pictures = picture_arrays(model, pixel_values, output, image_mean, image_std)
+    pictures["box_patches"] = None
+    return pictures
 
 
-def heatmap(values: np.ndarray) -> np.ndarray:
-    """`[h, w]` -> `[h, w, 3]` in [0, 1], black -> red -> yellow -> white, scaled to the map's own range."""
-    lo, hi = float(values.min()), float(values.max())
-    t = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=-1)
-
-
-def _rgb(tile: np.ndarray) -> np.ndarray:
-    tile = tile if tile.ndim == 3 else tile[..., None]
-    tile = np.repeat(tile, 3, axis=2) if tile.shape[2] == 1 else tile
-    return (np.clip(tile, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _upsample(grid_map: np.ndarray, size) -> np.ndarray:
-    rows, cols = grid_map.shape[:2]
-    return np.kron(grid_map if grid_map.ndim == 3 else grid_map[..., None],
-                   np.ones((size[0] // rows, size[1] // cols, 1), dtype=np.float32))
-
-
-def picture_row(pictures: dict, index: int) -> np.ndarray:
-    """The panels of one image side by side, uint8 `[H, W', 3]`."""
-    image = pictures["image"][index]
-    size = image.shape[:2]
-    mask = pictures["mask"][index]
-    tiles = [image]
-    if pictures["mask_probs"] is not None:
-        tiles.append(_upsample(heatmap(pictures["mask_probs"][index]), size))
-    tiles += [image * (1 - _upsample(mask, size)), pictures["reconstruction"][index], pictures["prediction"][index]]
-    separator = np.full((size[0], 2, 3), 128, np.uint8)
-    parts = []
-    for tile in tiles:
-        parts += [_rgb(tile), separator]
-    return np.concatenate(parts[:-1], axis=1)
+def load_pixel_values(item, processor, num_channels: int) -> torch.Tensor:
+    """An image file path or PIL image -> `[1, C, H, W]` through the checkpoint's image processor, decoded as in
+    pretraining (`data.decode_image`: transparent pixels composited on white)."""
+    image = decode_image(str(item) if isinstance(item, Path) else item, "L" if num_channels == 1 else "RGB")
+    return processor(image, return_tensors="pt")["pixel_values"][:, :num_channels]
 
 
 def save_mask_pictures(model_name_or_path, images, output_dir, teacher: str = "auto", seed: int = 0,
@@ -123,27 +74,24 @@ def save_mask_pictures(model_name_or_path, images, output_dir, teacher: str = "a
 
     model = AutoMAEForPreTraining.from_pretrained(str(model_name_or_path)).eval()
     processor = AutoImageProcessor.from_pretrained(str(model_name_or_path))
-    mode = {1: "L", 3: "RGB"}[model.config.num_channels]
     if teacher == "auto":
         teacher = teacher_mode_of(model_name_or_path) if Path(str(model_name_or_path)).is_dir() else "checkpoint"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for number, item in enumerate(images):
-        image = Image.open(item) if isinstance(item, (str, Path)) else item
         name = Path(item).stem if isinstance(item, (str, Path)) else f"image_{number:03d}"
-        pixel_values = processor(image.convert(mode), return_tensors="pt")["pixel_values"]
-        row = picture_row(mask_pictures(model, pixel_values, processor.image_mean, processor.image_std, teacher,
-                                        seed + number), 0)
-        factor = scale or max(1, 128 // pixel_values.shape[-1])
+        pixel_values = load_pixel_values(item, processor, model.config.num_channels)
+        pictures = mask_pictures(model, pixel_values, processor.image_mean, processor.image_std, teacher, seed + number)
         path = output_dir / f"{name}.png"
-        Image.fromarray(row).resize((row.shape[1] * factor, row.shape[0] * factor), Image.NEAREST).save(path)
+        render_grid(picture_columns(pictures, model.config.masking, prediction=True), scale=scale).save(path)
         paths.append(path)
     return paths
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Save mask probability, sampled mask and reconstruction pictures.")
+    parser = argparse.ArgumentParser(description="Save teacher attention, mask probability, sampled mask and "
+                                                 "reconstruction pictures.")
     parser.add_argument("--model_name_or_path", required=True, help="AutoMAE pretraining checkpoint (folder / Hub id).")
     parser.add_argument("--images", nargs="+", required=True, help="Image files.")
     parser.add_argument("--output_dir", required=True)
