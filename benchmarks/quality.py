@@ -16,7 +16,7 @@ to MAE N, starred where it exceeds both arms' seed std. Foreground focus: the sh
 garment (a patch is garment when at least half its pixels are non-zero) against the garment's share of the grid
 (what random masking gives); for learned masks also the learned top-K and the teacher's attention top-K.
 
-`--ablation` (issue 5, item 3) runs the knobs one at a time away from the reference AutoMAE instead: gumbel_tau
+`--ablation` runs the knobs one at a time away from the reference AutoMAE instead: gumbel_tau
 (0.5, 0.3), box_prior_alpha (2, 3), adversarial_weight (0, 0.05, 1), mask_factor (0.25, 1), the teacher (MAE 2N
 instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's knobs, gumbel_noise_scale (0.1, 0:
 how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
@@ -52,7 +52,7 @@ from automae_hf.training.probes import evaluate_features, extract_features
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
-# Issue 5, item 3: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
+# The knob ablation: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
 # as teacher). arm -> (config overrides, teacher).
 ABLATION = {
     "tau 0.5": (",gumbel_tau=0.5", "MAE_N"),
@@ -216,13 +216,8 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
     kwargs = {}
     if model.config.masking == "box_prior":
         kwargs = dict(boxes=[torch.tensor([garment_box(image[0].numpy())]) for image in images], box_format="xywh")
-    if model.config.masking in ("learned", "attention") and model.mask_generator is not None:
-        if _self_taught(model_dir):  # teacher-free: the student's own attention, as in training
-            from automae_hf.teacher import teacher_cls_attention
-
-            kwargs["teacher_attention"] = teacher_cls_attention(model.vit, pixel_values)
-        else:
-            kwargs["teacher_attention"] = model.mask_generator.teacher_attention(pixel_values)
+    if model.mask_generator is not None:  # the teacher the run trained with (the student itself for "self")
+        kwargs["teacher_attention"] = model.teacher_attention(pixel_values)
     output = model(pixel_values, generator=generator, **kwargs)
     masked = output.mask.bool()
     result = {"masked": (masked & on_garment).sum().item() / masked.sum().item(),
@@ -240,11 +235,6 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
         result["top-K agreement"] = (learned_top.unsqueeze(2) == score_top.unsqueeze(1)).any(2).float().mean().item()
         result["chance"] = num_visible / output.mask.shape[1]
     return result
-
-
-def _self_taught(model_dir: Path) -> bool:
-    summary = model_dir / "train_summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("teacher") == "self"
 
 
 def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float):
@@ -333,7 +323,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 seed, 20 steps, probes on 2,000 training images, 4 finetuning epochs")
     parser.add_argument("--ablation", action="store_true",
-                        help="issue 5 item 3: the knob ablation (tau, alpha, lambda, beta, teacher) instead of the arms")
+                        help="the knob ablation (tau, alpha, lambda, beta, teacher) instead of the arms")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms to run (default: all)")
     parser.add_argument("--steps", type=int, default=300, help="N, the steps of the 1x arms")
     parser.add_argument("--seeds", type=int, default=3)

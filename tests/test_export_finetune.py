@@ -1,4 +1,4 @@
-"""Issue 4 end to end on tiny data: pretrain a few steps (training/pretrain.py) -> export the encoder (AutoMAE and
+"""End to end on tiny data: pretrain a few steps (training/pretrain.py) -> export the encoder (AutoMAE and
 plain-ViT formats) -> every way a user loads it -> finetune with the HF Trainer -> `pipeline` predictions; model
 cards, Hub push up to the network call, bad checkpoints, mask pictures.
 

