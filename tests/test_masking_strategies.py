@@ -4,8 +4,6 @@ on 7x7, 8x8 and 14x14 patch grids, save/load, and pretrain.py runs (CPU, tiny mo
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +13,12 @@ from transformers.utils import logging
 from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
 from automae_hf.configuration_automae import num_visible_patches
 from automae_hf.masking import attention_masking, boxes_to_patch_mask
+from conftest import common, run
 
 logging.set_verbosity_error()
 
 STRATEGIES = ("random", "box_prior", "attention", "learned")
 GRIDS = {"7x7": 28, "8x8": 32, "14x14": 56}  # image size with 4-pixel patches
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(masking, image_size=32, seed=0, **overrides):
@@ -255,8 +253,6 @@ def box_data(tmp_path_factory):
 
 @pytest.mark.parametrize("masking", ["box_prior", "attention"])
 def test_pretrain_runs_each_strategy(masking, box_data, tmp_path):
-    from test_pretrain import common, run
-
     args = common(box_data, tmp_path, 2, "--masking", masking, "--image_log_steps", 2, "--per_device_train_batch_size", 4)
     if masking == "attention":
         args += ["--attention_hint_ratio", 0.1]
@@ -285,8 +281,6 @@ def _keys(folder):
 
 
 def test_pretrain_teacher_none_conflicts_with_attention(box_data, tmp_path):
-    from test_pretrain import common, run
-
     result = run(common(box_data, tmp_path, 1, "--masking", "attention", "--teacher_name_or_path", "none"),
                  check=False, timeout=120)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

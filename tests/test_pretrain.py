@@ -3,53 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from automae_hf import AUTOMAE_PRESETS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "training" / "pretrain.py"
-TINY = (
-    "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=4,"
-    "decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=64"
-)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-
-
-def _images(n, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        size = (int(rng.integers(20, 48)), int(rng.integers(20, 48)))
-        array = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-        mode = ("RGB", "L", "RGBA")[i % 3]  # grayscale and RGBA get converted to RGB
-        out.append(Image.fromarray(array).convert(mode))
-    return out
-
+from conftest import TINY, common, load_weights, run, synthetic_images
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     import datasets
 
     root = tmp_path_factory.mktemp("pretrain_data")
-    clean = datasets.Dataset.from_dict({"img": _images(24)}).cast_column("img", datasets.Image())
+    clean = datasets.Dataset.from_dict({"img": synthetic_images(24)}).cast_column("img", datasets.Image())
     clean.save_to_disk(str(root / "clean"))
     # One corrupt entry: bytes that are no image.
     import io
 
     items = []
-    for image in _images(12, seed=1):
+    for image in synthetic_images(12, seed=1):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         items.append({"bytes": buffer.getvalue(), "path": None})
@@ -57,26 +31,6 @@ def data_dir(tmp_path_factory):
     corrupt = datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False))
     corrupt.save_to_disk(str(root / "corrupt"))
     return root
-
-
-def run(args, launcher=None, check=True, timeout=300):
-    command = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def common(data, out, steps=6, *extra):
-    return ["--dataset_name", data, "--output_dir", out, "--image_size", 32, "--config_overrides", TINY,
-            "--per_device_train_batch_size", 8, "--max_train_steps", steps, "--warmup_steps", 2,
-            "--base_learning_rate", 1e-2, "--dataloader_num_workers", 0, "--seed", 3, *extra]
-
-
-def load_weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")

