@@ -243,7 +243,8 @@ class AutoMAEConfig(PreTrainedConfig):
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
-        _check(self.masking in MASKING_STRATEGIES, "masking", f"must be one of {MASKING_STRATEGIES}, got {self.masking!r}")
+        strategies = tuple(MASKING_STRATEGY_REGISTRY)  # read at call time: strategies registered later count too
+        _check(self.masking in strategies, "masking", f"must be one of {strategies}, got {self.masking!r}")
         _check(self.box_format in BOX_FORMATS, "box_format", f"must be one of {BOX_FORMATS}, got {self.box_format!r}")
         _check(
             isinstance(self.attention_hint_ratio, (int, float)) and 0 <= self.attention_hint_ratio < 1,

@@ -45,7 +45,6 @@ def _exported_graph(state_dict: dict, heads: int, eps: float, prefix: str = "bac
     biases/norms under `prefix`, linear weights as anonymous transposed `onnx::MatMul_*` initializers (in shuffled
     order), the position table split into a class part and a patch grid, a decoder initializer the backbone never
     reads. Only the structure the converter reads is built (not meant to run)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     initializers, nodes = [], []

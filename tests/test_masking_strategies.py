@@ -66,7 +66,8 @@ def test_exact_visible_count(masking, grid):
     assert torch.equal(output.mask.sum(1), torch.full((3,), float(num_patches - num_visible)))
     assert torch.equal(output.ids_restore.sort(1).values, torch.arange(num_patches).expand(3, -1))
     assert torch.isfinite(output.loss)
-    assert (output.discriminator_loss if False else model.discriminator is not None) == (masking == "learned")
+    assert (model.discriminator is not None) == (masking == "learned")
+    assert (output.generator_loss is not None) == (masking == "learned")
 
 
 # ---- box_prior -----------------------------------------------------------------------------------------------------
@@ -285,3 +286,23 @@ def test_pretrain_teacher_none_conflicts_with_attention(box_data, tmp_path):
                  check=False, timeout=120)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0 and len(errors) == 1 and "--masking attention" in errors[0], result.stderr[-2000:]
+
+
+def test_a_new_strategy_is_one_registration():
+    """The registry is the only place a strategy lives: the config accepts it and the model runs it."""
+    from automae_hf import masking
+
+    def choose_first_patches(inputs):  # keeps the first K patches in patch order
+        noise = torch.arange(inputs.grid[0] * inputs.grid[1], dtype=torch.float32).expand(inputs.pixel_values.shape[0], -1)
+        ids_keep, mask, ids_restore = masking.argsort_masking(noise, inputs.num_visible)
+        return dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+
+    masking.register_masking_strategy("first_patches", choose_first_patches, description="test only")
+    try:
+        model = tiny_model("first_patches")
+        assert model.mask_generator is None and model.discriminator is None
+        output = model(images(2, 32))
+        num_visible = num_visible_patches(64, model.config.mask_ratio)
+        assert torch.equal(output.mask[:, :num_visible], torch.zeros(2, num_visible))
+    finally:
+        del masking.MASKING_STRATEGIES["first_patches"]

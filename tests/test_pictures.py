@@ -230,3 +230,24 @@ def test_visualize_draws_the_teacher_column_of_the_teacher_pretraining_used(chec
     assert seen == ["self", "checkpoint"]
     picture = Image.open(written)
     assert picture.width == 6 * 32 * 4 + 5 * 2 * 4 and picture.height > 32 * 4 + 40
+
+
+def test_visualize_a_teacher_free_checkpoint_draws_the_students_own_attention(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from automae_hf.teacher import teacher_cls_attention
+
+    folder = tmp_path / "self"
+    model = tiny_model(teacher_name_or_path="self")
+    assert model.mask_generator.teacher is None
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    (folder / "train_summary.json").write_text(json.dumps({"teacher": "self"}))
+    x = batch(1)
+    with torch.no_grad():
+        own = teacher_cls_attention(model.vit, x).mean(1).numpy()
+    for mode in ("self", "checkpoint"):
+        pictures = visualization.mask_pictures(model, x, [0.5] * 3, [0.5] * 3, teacher=mode)
+        np.testing.assert_allclose(pictures["teacher_attention"], own, atol=1e-5)
+    [written] = visualization.save_mask_pictures(folder, [transparent_png(tmp_path / "t.png")], tmp_path / "out")
+    assert Image.open(written).width == 6 * 32 * 4 + 5 * 2 * 4

@@ -37,7 +37,8 @@ def teacher_mode_of(folder) -> str:
 def mask_pictures(model, pixel_values: torch.Tensor, image_mean, image_std, teacher: str = "checkpoint",
                   seed: int = 0) -> dict[str, np.ndarray]:
     """Runs one masked pass of `[B, C, H, W]` normalised `pixel_values`, the teacher's attention from the checkpoint
-    teacher or (`teacher="self"`) the student's own encoder. Returns `pictures.picture_arrays`' dict: image,
+    (its frozen teacher, or the student itself for a checkpoint saved without one) or, with `teacher="self"`, from
+    the student's own encoder. Returns `pictures.picture_arrays`' dict: image,
     reconstruction, prediction `[B, H, W, C]` in [0, 1]; mask `[B, h, w]` (1 = masked); teacher_attention, learned_p,
     mask_probs `[B, h, w]` (None where the strategy has none). Without boxes, box_prior masking is random masking: no
     box column."""
@@ -48,8 +49,8 @@ def mask_pictures(model, pixel_values: torch.Tensor, image_mean, image_std, teac
     if model.mask_generator is not None:
         if teacher == "self":
             attention = resize_attention(teacher_cls_attention(model.vit, pixel_values), model.config.grid_size).float()
-        else:
-            attention = model.mask_generator.teacher_attention(pixel_values).float()
+        else:  # the model's own choice: its frozen teacher, or the student when it was trained without one
+            attention = model.teacher_attention(pixel_values).float()
     output = model(pixel_values, teacher_attention=attention, generator=torch.Generator().manual_seed(seed))
     pictures = picture_arrays(model, pixel_values, output, image_mean, image_std)
     pictures["box_patches"] = None
