@@ -126,6 +126,17 @@ def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
     _check(math.isfinite(gumbel_tau) and gumbel_tau > 0, "gumbel_tau", f"must be finite and > 0, got {gumbel_tau}")
 
 
+def validate_score_inputs(teacher_image_size, attention_normalization, score_scale) -> None:
+    ok_size = teacher_image_size in (None, "match_grid") or (
+        all(isinstance(v, int) and v > 0 for v in _pair(teacher_image_size))
+        if isinstance(teacher_image_size, (int, list, tuple)) else False
+    )
+    _check(ok_size, "teacher_image_size", f"must be None, 'match_grid' or a positive size, got {teacher_image_size!r}")
+    _check(attention_normalization in ("none", "standardize"), "attention_normalization",
+           f"must be 'none' or 'standardize', got {attention_normalization!r}")
+    _check(math.isfinite(score_scale) and score_scale > 0, "score_scale", f"must be finite and > 0, got {score_scale}")
+
+
 def validate_noise_scale(gumbel_noise_scale) -> None:
     _check(math.isfinite(gumbel_noise_scale) and gumbel_noise_scale >= 0, "gumbel_noise_scale",
            f"must be finite and >= 0, got {gumbel_noise_scale}")
@@ -172,6 +183,15 @@ class AutoMAEConfig(PreTrainedConfig):
         attention_hint_ratio (`float`, defaults to 0.0):
             With `masking="attention"`: share of the masked top patches revealed again at random ("hints"), as many
             random other patches being masked instead.
+        teacher_image_size (`int`, `tuple` or `"match_grid"`, *optional*):
+            The resolution the teacher reads the batch at. `None` (the reference): the student's. `"match_grid"`: the
+            teacher's patch size times the student's grid, so that a patch-14 teacher gives a 7x7 map for a 28-px
+            student with 4-px patches instead of a 2x2 one. The maps are resized to the student's grid either way.
+        attention_normalization (`str`, defaults to `"none"`):
+            `"standardize"`: each image's map of each head is standardised over patches before the score head (not
+            in the reference, whose raw CLS attention is ~1/L per patch, so its scores barely vary).
+        score_scale (`float`, defaults to 1.0):
+            Multiplies the score head's output before the log-softmax (not in the reference: 1.0).
     """
 
     model_type = "automae"
@@ -209,6 +229,9 @@ class AutoMAEConfig(PreTrainedConfig):
     masking: str = "learned"
     box_format: str = "xyxy"
     attention_hint_ratio: float = 0.0
+    teacher_image_size: Any = None
+    attention_normalization: str = "none"
+    score_scale: float = 1.0
 
     def __post_init__(self, **kwargs):
         # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
@@ -235,6 +258,7 @@ class AutoMAEConfig(PreTrainedConfig):
             _check(getattr(self, f"{prefix}num_hidden_layers") >= 0, f"{prefix}num_hidden_layers", "must be >= 0")
         validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
         validate_noise_scale(self.gumbel_noise_scale)
+        validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
         if self.masking == "learned":
             _check(min(grid) >= 4, "image_size",
                    f"/ patch_size give a {grid[0]}x{grid[1]} patch grid; the discriminator of masking='learned' needs "
@@ -291,6 +315,9 @@ class AutoMAEConfig(PreTrainedConfig):
             gumbel_tau=self.gumbel_tau,
             gumbel_noise_scale=self.gumbel_noise_scale,
             score_hidden_channels=self.score_hidden_channels,
+            teacher_image_size=self.teacher_image_size,
+            attention_normalization=self.attention_normalization,
+            score_scale=self.score_scale,
         )
 
 
@@ -318,6 +345,9 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
     gumbel_tau: float = 1.0
     gumbel_noise_scale: float = 1.0
     score_hidden_channels: int = 6
+    teacher_image_size: Any = None
+    attention_normalization: str = "none"
+    score_scale: float = 1.0
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)
@@ -332,6 +362,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         validate_noise_scale(self.gumbel_noise_scale)
         validate_teacher_config(self.teacher_config)
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
+        validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
 
     @property
     def grid_size(self) -> tuple[int, int]:

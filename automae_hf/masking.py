@@ -235,6 +235,47 @@ def max_entropy(num_patches: int) -> float:
     return math.log(num_patches)
 
 
+GUMBEL_STD = math.pi / math.sqrt(6)  # standard deviation of Gumbel(0, 1) noise
+
+
+@torch.no_grad()
+def mask_signal_statistics(
+    mask_logits: torch.Tensor,
+    mask_probs: torch.Tensor,
+    teacher_attention: torch.Tensor,
+    num_visible: int,
+    gumbel_noise_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """How much the learned scores, rather than the Gumbel noise, decide the mask (diagnostics for the log).
+
+    Args:
+        mask_logits: `[B, L]` the score head's log-probabilities; mask_probs: `[B, L]` the Gumbel sample.
+        teacher_attention: `[B, heads, h, w]` the maps the scores were computed from.
+        num_visible: K; the sampled top-K (the K patches whose noise is raised) is what the scores choose.
+    Returns:
+        0-d tensors (no host sync): `score_spread` (std of the logits over patches, mean over images) and
+        `gumbel_spread` (the noise's std) to compare it with; `topk_in_teacher_topk` and `topk_in_score_topk`,
+        the share of the sampled top-K inside the teacher's (mean over heads) and the scores' own top-K
+        (chance: K / L, also returned as `topk_chance`).
+    """
+    sampled = mask_probs.float().topk(num_visible, dim=1).indices
+    teacher_top = teacher_attention.float().mean(1).flatten(1).topk(num_visible, dim=1).indices
+    score_top = mask_logits.float().topk(num_visible, dim=1).indices
+
+    def share_inside(candidates):
+        inside = torch.zeros_like(mask_probs, dtype=torch.bool).scatter_(1, candidates, True)
+        return inside.gather(1, sampled).float().mean()
+
+    num_patches = mask_probs.shape[1]
+    return {
+        "score_spread": mask_logits.float().std(dim=1).mean(),
+        "gumbel_spread": torch.tensor(GUMBEL_STD * gumbel_noise_scale, device=mask_probs.device),
+        "topk_in_teacher_topk": share_inside(teacher_top),
+        "topk_in_score_topk": share_inside(score_top),
+        "topk_chance": torch.tensor(num_visible / num_patches, device=mask_probs.device),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Masking strategies: the one registry. A new strategy is one `register_masking_strategy` call (and its test);
 # the config validates against it, the model builds and calls what it declares, pretraining and pictures follow.
@@ -353,6 +394,7 @@ __all__ = [
     "box_prior_ranges",
     "gumbel_softmax_sample",
     "mask_entropy",
+    "mask_signal_statistics",
     "register_masking_strategy",
     "sample_box_prior",
     "straight_through_topk",

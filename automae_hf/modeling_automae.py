@@ -544,7 +544,8 @@ class AutoMAEMaskGenerator(PreTrainedModel):
     def __init__(self, config: AutoMAEMaskGeneratorConfig):
         super().__init__(config)
         self.teacher = _build_teacher(config.teacher_config)
-        self.score_head = AutoMAEScoreHead(config.teacher_config["num_attention_heads"], config.score_hidden_channels)
+        heads = self.teacher.config.num_attention_heads if self.teacher is not None else config.teacher_config["num_attention_heads"]
+        self.score_head = AutoMAEScoreHead(heads, config.score_hidden_channels)
         self.post_init()
         self.freeze_teacher()
 
@@ -609,10 +610,44 @@ class AutoMAEMaskGenerator(PreTrainedModel):
                 "This mask generator's teacher is the student itself (teacher 'self'): pass teacher_attention, e.g. "
                 "from AutoMAEForPreTraining.teacher_attention(pixel_values)"
             )
-        attention = teacher_cls_attention(self.teacher, pixel_values)
         patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        attention = teacher_cls_attention(self.teacher, self.teacher_input(pixel_values, grid))
         return resize_attention(attention, grid)
+
+    def teacher_input(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The student's batch as the teacher reads it: the channel repeated for an RGB teacher on grayscale data
+        (as image processors convert), resized to `config.teacher_image_size` ("match_grid": the teacher's patch
+        size times the student's grid, so each teacher patch covers one student patch)."""
+        teacher_config = self.teacher.config
+        if pixel_values.shape[1] == 1 and getattr(teacher_config, "num_channels", 1) == 3:
+            pixel_values = pixel_values.expand(-1, 3, -1, -1)
+        size = self.config.teacher_image_size
+        if size is None:
+            return pixel_values
+        if size == "match_grid":
+            teacher_patch = teacher_config.patch_size
+            teacher_patch = teacher_patch if isinstance(teacher_patch, int) else teacher_patch[0]
+            size = (grid[0] * teacher_patch, grid[1] * teacher_patch)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(pixel_values.shape[-2:]) == size:
+            return pixel_values
+        return F.interpolate(pixel_values.float(), size=size, mode="bicubic", align_corners=False,
+                             antialias=True).to(pixel_values.dtype)
+
+    def scores(self, teacher_attention: torch.Tensor) -> torch.Tensor:
+        """`[B, heads, h, w]` teacher maps -> `[B, h*w]` float32 log-probabilities over patches: the score head on the
+        maps (standardised per image and head first with `attention_normalization="standardize"`), scaled by
+        `score_scale` before the log-softmax."""
+        attention = teacher_attention.float()
+        if self.config.attention_normalization == "standardize":
+            flat = attention.flatten(2)
+            mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True)
+            attention = ((flat - mean) / (std + 1e-6)).view_as(attention)
+        logits = self.score_head(attention)
+        if self.config.score_scale != 1.0:
+            logits = torch.log_softmax(logits * self.config.score_scale, dim=-1)
+        return logits
 
     def forward(
         self,
@@ -644,8 +679,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             if pixel_values is None:
                 raise ValueError("AutoMAEMaskGenerator needs pixel_values or teacher_attention")
             teacher_attention = self.teacher_attention(pixel_values)
-        teacher_attention = teacher_attention.to(self.score_head[0].weight.dtype)
-        mask_logits = self.score_head(teacher_attention)
+        mask_logits = self.scores(teacher_attention)
         batch, num_patches = mask_logits.shape
         num_visible = num_visible_patches(num_patches, mask_ratio)
         mask_probs = gumbel_softmax_sample(mask_logits, gumbel_tau, gumbel_noise, generator, noise_scale)
@@ -921,8 +955,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 if pixel_values is None:
                     raise ValueError("discriminator_loss needs pixel_values or teacher_attention")
                 teacher_attention = self.teacher_attention(pixel_values)
-            score_head = self.mask_generator.score_head
-            mask_logits = score_head(teacher_attention.to(score_head[0].weight.dtype))
+            mask_logits = self.mask_generator.scores(teacher_attention)
             fake = gumbel_softmax_sample(
                 mask_logits, self.config.gumbel_tau, gumbel_noise, generator, self.config.gumbel_noise_scale
             )

@@ -514,7 +514,8 @@ def main(argv=None):
     import transformers
     from accelerate.utils import set_seed
 
-    from automae_hf.masking import mask_entropy
+    from automae_hf.configuration_automae import num_visible_patches
+    from automae_hf.masking import mask_entropy, mask_signal_statistics
 
     # ---- set-up: accelerator, model and teacher, data, optimizers, schedules, resume ----------------------------
     output_dir = Path(args.output_dir)
@@ -624,6 +625,10 @@ def main(argv=None):
             metrics["generator_loss"] = output.generator_loss.detach()
         if output.mask_probs is not None:
             metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+        if output.mask_logits is not None and attention is not None:  # how much the scores decide the mask
+            num_visible = num_visible_patches(output.mask.shape[1], config.mask_ratio)
+            metrics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
+                                                  config.gumbel_noise_scale))
         return output, metrics
 
     from tqdm.auto import tqdm
@@ -652,8 +657,9 @@ def main(argv=None):
             noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
             output, metrics = train_step(batch)
             window_images += batch["pixel_values"].shape[0]
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            for key, value in metrics.items():  # summed on the device: no host sync outside logging steps
+                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+                sums[key] = sums[key] + value if key in sums else value
             sum_count += 1
             micro_in_step += 1
             if not accelerator.sync_gradients:
@@ -670,7 +676,7 @@ def main(argv=None):
                 stats = torch.tensor([window_images, state.skipped_images], device=accelerator.device, dtype=torch.float64)
                 stats = accelerator.reduce(stats, reduction="sum")
                 elapsed = time.perf_counter() - window_start
-                log = {k: v / sum_count for k, v in sums.items()}
+                log = {k: float(v) / sum_count for k, v in sums.items()}
                 log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
                            skipped_images=int(stats[1]), epoch=epoch, step=completed)
                 progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
