@@ -192,6 +192,9 @@ class AutoMAEConfig(PreTrainedConfig):
             in the reference, whose raw CLS attention is ~1/L per patch, so its scores barely vary).
         score_scale (`float`, defaults to 1.0):
             Multiplies the score head's output before the log-softmax (not in the reference: 1.0).
+        score_head_init (`str`, defaults to `"default"`):
+            `"attention"`: the score head starts as ReLU(mean over heads) of its input, so that the first masks
+            already follow the teacher (not in the reference, which starts from PyTorch's random init).
     """
 
     model_type = "automae"
@@ -232,6 +235,7 @@ class AutoMAEConfig(PreTrainedConfig):
     teacher_image_size: Any = None
     attention_normalization: str = "none"
     score_scale: float = 1.0
+    score_head_init: str = "default"
 
     def __post_init__(self, **kwargs):
         # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
@@ -259,6 +263,8 @@ class AutoMAEConfig(PreTrainedConfig):
         validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
         validate_noise_scale(self.gumbel_noise_scale)
         validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
+        _check(self.score_head_init in ("default", "attention"), "score_head_init",
+               f"must be 'default' or 'attention', got {self.score_head_init!r}")
         if self.masking == "learned":
             _check(min(grid) >= 4, "image_size",
                    f"/ patch_size give a {grid[0]}x{grid[1]} patch grid; the discriminator of masking='learned' needs "
@@ -318,6 +324,7 @@ class AutoMAEConfig(PreTrainedConfig):
             teacher_image_size=self.teacher_image_size,
             attention_normalization=self.attention_normalization,
             score_scale=self.score_scale,
+            score_head_init=self.score_head_init,
         )
 
 
@@ -348,6 +355,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
     teacher_image_size: Any = None
     attention_normalization: str = "none"
     score_scale: float = 1.0
+    score_head_init: str = "default"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)
@@ -363,6 +371,8 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         validate_teacher_config(self.teacher_config)
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
+        _check(self.score_head_init in ("default", "attention"), "score_head_init",
+               f"must be 'default' or 'attention', got {self.score_head_init!r}")
 
     @property
     def grid_size(self) -> tuple[int, int]:

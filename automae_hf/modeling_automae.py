@@ -309,6 +309,21 @@ class AutoMAEScoreHead(nn.Sequential):
             scores = F.conv2d(F.relu(hidden), second.weight.float(), second.bias.float(), padding=1)
             return torch.log_softmax(scores.flatten(1), dim=-1)
 
+    @torch.no_grad()
+    def follow_attention_(self) -> None:
+        """Starts the head as "score = ReLU(mean over heads)" of its input: hidden channel 0 averages the heads at
+        the centre tap and the output reads it; the other hidden channels keep a tenth of their random init so
+        they still learn. With standardised attention the initial scores then rank patches as the teacher does."""
+        first, _, second = self
+        first.weight.mul_(0.1)
+        first.weight[0].zero_()
+        first.weight[0, :, 1, 1] = 1.0 / first.in_channels
+        first.bias.zero_()
+        second.weight.mul_(0.1)
+        second.weight[0, 0].zero_()
+        second.weight[0, 0, 1, 1] = 1.0
+        second.bias.zero_()
+
 
 class AutoMAEDiscriminator(nn.Module):
     """D (§1): spectrally normalised, bias-free convs judging a `[B, L]` mask distribution on its patch grid.
@@ -548,6 +563,8 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         self.score_head = AutoMAEScoreHead(heads, config.score_hidden_channels)
         self.post_init()
         self.freeze_teacher()
+        if config.score_head_init == "attention" and self.score_head[0].weight.device.type != "meta":
+            self.score_head.follow_attention_()
 
     def _init_weights(self, module):
         _init_module(module, self.config)

@@ -7,6 +7,8 @@ CPU, no network (the Hub is monkeypatched), about two minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -160,14 +162,17 @@ def remote_process(exported, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(exported, data_dir, tmp_path_factory, remote_process):
-    """One epoch with the Trainer on the AutoMAE-format export (mean pooling), pushed as a dry run."""
+    """One epoch with the Trainer on the AutoMAE-format export (mean pooling), pushed as a dry run, in process:
+    (output folder, what it printed). The finetuning command itself is tested in tests/test_finetune.py."""
     out = tmp_path_factory.mktemp("finetuned")
-    result = run_script("finetune.py", ["--model_name_or_path", exported["automae"], "--dataset_name", data_dir,
-                                        "--output_dir", out, "--num_train_epochs", 1, "--per_device_train_batch_size",
-                                        8, "--learning_rate", 1e-3, "--pooling", "mean", "--dataloader_num_workers", 0,
-                                        "--logging_steps", 1, "--push_to_hub", "--hub_model_id", "org/automae-tiny-cls",
-                                        "--dry_run"])
-    return out, result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        finetune.main(["--model_name_or_path", str(exported["automae"]), "--dataset_name", str(data_dir),
+                       "--output_dir", str(out), "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+                       "--learning_rate", "1e-3", "--pooling", "mean", "--dataloader_num_workers", "0",
+                       "--logging_steps", "1", "--report_to", "none", "--push_to_hub", "--hub_model_id",
+                       "org/automae-tiny-cls", "--dry_run"])
+    return out, printed.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,14 +344,14 @@ def test_finetune_one_epoch_then_classification_pipeline(finetuned, data_dir):
     import automae_hf  # noqa: F401
     from transformers import ViTForImageClassification, pipeline
 
-    out, result = finetuned
+    out, printed = finetuned
     results = json.loads((out / "all_results.json").read_text())
     assert 0 <= results["eval_accuracy"] <= 1 and results["epoch"] == pytest.approx(1)
     assert results["eval_split"] == "validation" and results["train_samples"] == 24
     config = json.loads((out / "config.json").read_text())
     assert config["pooling"] == "mean" and config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
-    assert "Dry run: would upload to org/automae-tiny-cls@main" in result.stdout
-    assert "checkpoint-" not in result.stdout.split("Dry run")[1]  # Trainer checkpoints are not uploaded
+    assert "Dry run: would upload to org/automae-tiny-cls@main" in printed
+    assert list(out.glob("checkpoint-*")) and "checkpoint-" not in printed.split("Dry run")[1]  # not uploaded
 
     classifier = pipeline("image-classification", model=str(out))
     predictions = classifier(make_image(2, np.random.default_rng(5), "L"), top_k=3)
@@ -354,53 +359,6 @@ def test_finetune_one_epoch_then_classification_pipeline(finetuned, data_dir):
     assert sum(p["score"] for p in predictions) == pytest.approx(1, abs=1e-4)
     # The finetuned AutoMAE folder also loads into transformers' ViT classifier (CLS pooling there: shapes only).
     assert ViTForImageClassification.from_pretrained(out).config.num_labels == 3
-
-
-def test_finetune_vit_export_few_shot_in_process(exported, data_dir, tmp_path):
-    finetune.main(["--model_name_or_path", str(exported["vit"]), "--dataset_name", str(data_dir), "--output_dir",
-                   str(tmp_path), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-                   "--train_samples_per_class", "2", "--dataloader_num_workers", "0", "--early_stopping_patience", "1"])
-    results = json.loads((tmp_path / "all_results.json").read_text())
-    assert results["train_samples"] == 6
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vit"
-
-
-def test_finetune_fixed_schedule_keeps_last_weights_without_checkpoints(exported, data_dir, tmp_path):
-    # --eval_strategy no: no per-epoch evaluation or model selection on the evaluation split (few-shot benchmarks).
-    finetune.main(["--model_name_or_path", str(exported["automae"]), "--dataset_name", str(data_dir), "--output_dir",
-                   str(tmp_path), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
-                   "--train_samples_per_class", "2", "--dataloader_num_workers", "0", "--eval_strategy", "no"])
-    results = json.loads((tmp_path / "all_results.json").read_text())
-    assert results["epoch"] == 2.0 and results.get("best_checkpoint") is None
-    assert 0.0 <= results["eval_accuracy"] <= 1.0
-    assert not list(tmp_path.glob("checkpoint-*"))
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert [entry for entry in state["log_history"] if "eval_accuracy" in entry] == [state["log_history"][-1]]
-
-
-def test_layer_wise_lr_decay_groups(exported):
-    import automae_hf  # noqa: F401
-    from automae_hf import AutoMAEForImageClassification
-
-    model = AutoMAEForImageClassification.from_pretrained(exported["automae"], num_labels=3)
-    groups = finetune.param_groups_lrd(model, 1.0, 0.05, 0.5)
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    assert lr_of[id(named["classifier.weight"])] == 1.0
-    assert lr_of[id(named["vit.encoder.layer.1.attention.q_proj.weight"])] == 0.5
-    assert lr_of[id(named["vit.encoder.layer.0.mlp.fc2.weight"])] == 0.25
-    assert lr_of[id(named["vit.embeddings.patch_embeddings.projection.weight"])] == 0.125
-    assert id(named["vit.embeddings.position_embeddings"]) not in lr_of  # fixed sin-cos table stays frozen
-    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    assert decay[id(named["vit.embeddings.cls_token"])] == 0 and decay[id(named["classifier.weight"])] == 0.05
-
-
-def test_few_shot_subset_takes_n_per_class(data_dir):
-    import datasets
-
-    train = datasets.load_from_disk(str(data_dir))["train"]
-    subset = finetune.few_shot(train, "label", 3, seed=0)
-    assert sorted(subset["label"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

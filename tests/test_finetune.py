@@ -130,6 +130,7 @@ def test_every_old_flag_is_still_accepted_and_means_the_same():
     assert args.hub_revision == "v2" and args.bf16 and args.hub_private_repo is None
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # transformers' rename
 def test_defaults_and_trainer_flags():
     _, _, _, args = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "none",
                                               "--gradient_checkpointing", "--resume_from_checkpoint", "last",
@@ -230,6 +231,30 @@ def test_the_trainer_builds_the_layer_decayed_fused_adamw(tmp_path):
     assert lrs == [0.125, 0.25, 0.5, 1.0]
 
 
+def test_checkpoints_are_restored_whole(tmp_path):
+    """The best checkpoint / a resumed one is read with the model's key renamings: the saved block weights are named
+    `attention.attention.query` ..., the live ones `attention.q_proj` ..., which a raw load_state_dict skips."""
+    from automae_hf import AutoMAEForImageClassification
+
+    torch.manual_seed(0)
+    model = AutoMAEForImageClassification(make_tiny_config(num_labels=3))
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert load_file(str(tmp_path / "checkpoint-1" / "model.safetensors")).keys() != saved.keys()
+    _, _, _, args = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                                              "--report_to", "none", "--eval_strategy", "no"])
+    trainer = finetune.FinetuningTrainer(model=model, args=args)
+    for restore in (lambda: trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1")),
+                    lambda: trainer._load_best_model()):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+        trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+        restore()
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert not model.vit.embeddings.position_embeddings.requires_grad  # the fixed table stays frozen
+
+
 def test_few_shot_subset_takes_n_per_class(data):
     import datasets
 
@@ -274,6 +299,8 @@ def test_few_shot_defaults_train_the_whole_schedule(encoders, data, tmp_path):
     evaluated = [entry["step"] for entry in state["log_history"] if "eval_accuracy" in entry]
     assert evaluated[:-1] == [10, 20, 30, 40, 50]  # the last entry is the final evaluation of the best weights
     assert len(list(tmp_path.glob("checkpoint-*"))) <= 3
+    best, final = weights(results["best_checkpoint"]), weights(tmp_path)  # the best checkpoint is what was saved
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
 
 
 def test_selection_on_the_reported_split_is_warned_and_recorded(encoders, data, tmp_path, caplog):

@@ -449,15 +449,47 @@ def param_groups_lrd(model, learning_rate: float, weight_decay: float, layer_dec
     return [groups[k] for k in sorted(groups)]
 
 
+def load_saved_weights(model, folder) -> None:
+    """Copies the weights `save_pretrained` wrote to `folder` into `model`, reading them as `from_pretrained` does.
+
+    Why: AutoMAE blocks are `attention.q_proj` ... `mlp.fc2` at run time and `attention.attention.query` ...
+    `output.dense` on disk (a renaming registered for the model type, applied by `from_pretrained` only). The
+    Trainer restores checkpoints (`--resume_from_checkpoint`, `load_best_model_at_end`) with a raw
+    `load_state_dict(strict=False)`, which would silently skip every renamed block weight."""
+    loaded = type(model).from_pretrained(str(folder), dtype=model.dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 class FinetuningTrainer(Trainer):
     """`Trainer` whose optimizer has one parameter group per (layer, decay / no decay) with the layer-decayed lr.
 
     The optimizer is still created by the Trainer (`create_optimizer`, at the moment it chooses: after FSDP /
     DeepSpeed wrapping), with the class and keyword arguments of `--optim` (fused AdamW by default); the lr schedule
-    scales every group's lr alike. `create_model_card` writes this project's card (`model_card.write_card`) instead of
-    the Trainer's, so `push_to_hub` uploads it."""
+    scales every group's lr alike. Checkpoints (resuming, the best one at the end) are read back with the model's
+    key renamings (`load_saved_weights`). `create_model_card` writes this project's card (`model_card.write_card`)
+    instead of the Trainer's, so `push_to_hub` uploads it."""
 
     card_kwargs: dict | None = None
+
+    def _plain_checkpoint(self, folder) -> bool:
+        """A `save_pretrained` folder of an unsharded, unwrapped model (FSDP / DeepSpeed restore their own way)."""
+        return (folder is not None and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+                and os.path.isfile(os.path.join(folder, "config.json"))
+                and any(os.path.isfile(os.path.join(folder, name))
+                        for name in ("model.safetensors", "model.safetensors.index.json")))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is None and self._plain_checkpoint(resume_from_checkpoint):
+            logger.info("Loading model from %s", resume_from_checkpoint)
+            return load_saved_weights(self.model, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if not self._plain_checkpoint(best):
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (accuracy %s)", best, self.state.best_metric)
+        load_saved_weights(self.model, best)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
