@@ -275,7 +275,7 @@ def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 1
                    "--dataset_name", str(data), "--output_dir", str(output), "--train_samples_per_class", str(per_class),
                    "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "20", "--learning_rate", "1e-3",
                    "--layer_decay", "0.75", "--no_augmentation", "--eval_strategy", "no", "--seed", str(seed),
-                   "--dataloader_num_workers", "0", "--logging_steps", "50"]
+                   "--dataloader_num_workers", "0", "--logging_steps", "50", "--report_to", "none"]
         run_quietly(command, threads, hide_stderr=True)
         for leftover in output.glob("*.safetensors"):  # only the number is needed; keep the folder small
             leftover.unlink()

@@ -160,6 +160,7 @@ def test_defaults_and_trainer_flags():
     (["--dry_run"], "--dry_run only applies with --push_to_hub"),
     (["--pooling", "max"], "invalid choice: 'max'"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+    (["--optim", "sgd_fast"], "invalid choice: 'sgd_fast'"),
 ])
 def test_bad_values_end_in_one_error_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -229,6 +230,23 @@ def test_the_trainer_builds_the_layer_decayed_fused_adamw(tmp_path):
         scheduler.step()
     lrs = sorted({round(g["lr"] / optimizer.param_groups[-1]["lr"], 6) for g in optimizer.param_groups})
     assert lrs == [0.125, 0.25, 0.5, 1.0]
+
+
+def test_optimizers_without_layer_decay_groups_are_refused_before_training(encoders, data, tmp_path, monkeypatch,
+                                                                            capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a missing optional package: one line, nothing trained
+        run(encoders["automae"], data["full"], tmp_path, "--optim", "galore_adamw")
+    assert exit_info.value.code == 2 and not (tmp_path / "model.safetensors").exists()
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--optim galore_adamw: You need to install `galore_torch`" in errors[0]
+    # An optimizer that builds its own groups (a factory, like Muon) cannot take the layer-decay groups
+    monkeypatch.setattr(finetune.Trainer, "get_optimizer_cls_and_kwargs", staticmethod(lambda args, model: (
+        lambda: None, {"lr": args.learning_rate})))
+    with pytest.raises(SystemExit):
+        run(encoders["automae"], data["full"], tmp_path, "--optim", "sgd")
+    assert "--optim sgd builds its own parameter groups: use it with --layer_decay 1" in capsys.readouterr().err
+    assert finetune.takes_param_groups(torch.optim.AdamW, {"lr": 1.0})
+    assert not finetune.takes_param_groups(torch.optim.AdamW, {"params": [], "lr": 1.0})
 
 
 def test_checkpoints_are_restored_whole(tmp_path):
@@ -379,6 +397,9 @@ class FakeHubApi:
             raise ConnectionError("Name or service not known")
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
     def upload_folder(self, **kwargs):
         folder = Path(kwargs["folder_path"])
         readme = folder / "README.md"
@@ -402,6 +423,8 @@ def test_push_through_the_trainer_uploads_our_model_card(encoders, data, tmp_pat
     run(encoders["automae"], data["full"], tmp_path, "--max_steps", 2, "--per_device_train_batch_size", 12,
         "--push_to_hub", "--hub_model_id", "org/automae-cls", "--private", "--revision", "v1")
     assert api.calls[0][:2] == ("create_repo", "org/automae-cls") and api.calls[0][2]["private"] is True
+    assert api.calls[1][:2] == ("create_branch", "org/automae-cls") and api.calls[1][2]["branch"] == "v1"
+    assert {call[2]["revision"] for call in api.calls[2:]} == {"v1"}  # checkpoint pushes and the final one
     final = api.calls[-1][2]
     assert api.calls[-1][:2] == ("upload_folder", "org/automae-cls") and not final.get("run_as_future")
     assert final["revision"] == "v1" and "checkpoint-*" in final["ignore_patterns"]

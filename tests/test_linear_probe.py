@@ -90,3 +90,53 @@ def test_command_line_on_a_saved_dataset(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.index("{"):])
     assert result["knn"] == 1.0 and 0.0 <= result["linear"] <= 1.0
+
+
+@pytest.fixture
+def encoder_and_folders(tmp_path):
+    """A tiny grayscale encoder and the same two-class data as image folders (train/ and test/, class sub-folders)."""
+    from PIL import Image as PILImage
+    from transformers import ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = AutoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=16, patch_size=4, num_channels=1)
+    AutoMAEModel(config).save_pretrained(tmp_path / "encoder")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(
+        tmp_path / "encoder"
+    )
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for i in range(n):
+            label = ("dark", "bright")[i % 2]
+            folder = tmp_path / "images" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (rng.random((16, 16)) * 100 + 150 * (i % 2)).astype(np.uint8)
+            PILImage.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    return tmp_path / "encoder", tmp_path / "images"
+
+
+def test_image_folders_and_the_random_init_baseline(encoder_and_folders, capsys):
+    encoder, images = encoder_and_folders
+    main(["--model_name_or_path", str(encoder), "--train_dir", str(images / "train"), "--eval_dir",
+          str(images / "test"), "--probe_epochs", "5", "--random_init"])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{"):])
+    assert result["knn"] == 1.0 and set(result["random init"]) == {"knn", "linear"}
+    main(["--model_name_or_path", str(encoder), "--dataset_name", str(images), "--probe_epochs", "5"])  # as folder
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["knn"] == 1.0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dataset_name", "./no/such/data"], "no such folder"),
+    (["--train_dir", "IMAGES/train"], "--train_dir needs --eval_dir"),
+    (["--dataset_name", "IMAGES", "--eval_split", "validation"], "split 'validation' not in"),
+])
+def test_bad_data_arguments_give_one_line_errors(encoder_and_folders, capsys, extra, needle):
+    encoder, images = encoder_and_folders
+    extra = [value.replace("IMAGES", str(images)) for value in extra]
+    with pytest.raises(SystemExit):
+        main(["--model_name_or_path", str(encoder), *extra])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], errors

@@ -202,7 +202,7 @@ def test_save_load_round_trip(masking, tmp_path):
 def test_boxes_follow_crop_and_flip():
     from PIL import Image
 
-    from automae_hf.training.data import mae_augment, read_boxes, transform_boxes
+    from automae_hf.training.data import augment, read_boxes
 
     array = np.zeros((60, 80, 3), np.uint8)
     array[10:40, 30:70] = 255  # x 30..70, y 10..40
@@ -213,14 +213,15 @@ def test_boxes_follow_crop_and_flip():
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     flips, checked = set(), 0
     for seed in range(40):
-        out, geometry = mae_augment(image, 32, mean, std, np.random.default_rng(seed), return_geometry=True)
-        assert np.array_equal(out, mae_augment(image, 32, mean, std, np.random.default_rng(seed)))
-        moved = transform_boxes(boxes, geometry, 32)
+        result = augment(image, 32, mean, std, np.random.default_rng(seed), boxes=boxes)
+        again = augment(image, 32, mean, std, np.random.default_rng(seed), boxes=boxes)
+        assert torch.equal(result["pixel_values"], again["pixel_values"]) and torch.equal(result["boxes"], again["boxes"])
+        out, moved, geometry = result["pixel_values"].numpy(), result["boxes"].numpy(), result["geometry"]
         bright = out[0] > 0.5
         if len(moved) == 0:
             assert bright.mean() < 0.05
             continue
-        flips.add(geometry[4])
+        flips.add(geometry.flipped)
         x0, y0, x1, y1 = moved[0]
         assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
         inside = np.zeros_like(bright)

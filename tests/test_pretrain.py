@@ -203,15 +203,22 @@ def test_two_process_cpu_ddp_ranks_agree(data_dir, tmp_path):
 
 
 def test_crop_attention_follows_the_image_crop_and_flip():
-    from automae_hf.training.data import crop_attention
+    from PIL import Image
+
+    from automae_hf.training.data import apply_geometry, available_backends
 
     rows, columns = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
     ramp = np.stack([columns, rows]).astype(np.float32)  # channel 0: column index, channel 1: row index
-    np.testing.assert_allclose(crop_attention(ramp, (0, 0, 32, 32, False), 32, 32), ramp)
-    np.testing.assert_allclose(crop_attention(ramp, (0, 0, 32, 32, True), 32, 32), ramp[:, :, ::-1])
-    right_half = crop_attention(ramp, (16, 0, 16, 32, False), 32, 32)  # the right half, stretched to 8 columns
-    np.testing.assert_allclose(right_half[0, 0], np.minimum(3.75 + 0.5 * np.arange(8), 7))  # edge cells clamp
-    np.testing.assert_allclose(right_half[1], ramp[1])
+    image = Image.new("L", (32, 32))
+    for backend in available_backends():
+        def crop(geometry):
+            return apply_geometry(image, geometry, 16, [0], [1], attention=ramp, backend=backend)["teacher_attention"]
+
+        np.testing.assert_allclose(crop((0, 0, 32, 32, False)), ramp, atol=1e-6)
+        np.testing.assert_allclose(crop((0, 0, 32, 32, True)), ramp[:, :, ::-1], atol=1e-6)
+        right_half = crop((16, 0, 16, 32, False)).numpy()  # the right half, stretched to 8 columns
+        np.testing.assert_allclose(right_half[0, 0], np.minimum(3.75 + 0.5 * np.arange(8), 7), atol=1e-6)  # edges clamp
+        np.testing.assert_allclose(right_half[1], ramp[1], atol=1e-6)
 
 
 def test_cached_teacher_attention_mode(data_dir, tmp_path):

@@ -1,13 +1,17 @@
 """Images for pretraining and finetuning: one decoder (transparency composited on white, as transformers'
-`convert_to_rgb`), MAE's augmentation with the boxes and cached teacher maps that follow it, and HF `datasets`
-loading (Hub name, `save_to_disk` folder, image folder, streaming)."""
+`convert_to_rgb`), MAE's augmentation with the boxes and cached teacher maps that follow it (`torchvision.transforms.v2`
+where torchvision imports, else a PIL/numpy fallback with the same geometry), and HF `datasets` loading (Hub name,
+`save_to_disk` folder, image folder, streaming)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import os
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +60,20 @@ def decode_image(value, mode: str) -> Image.Image:
     return image
 
 
+# ---- MAE's augmentation: one geometry, two backends ---------------------------------------------------------------
+AUGMENT_BACKENDS = ("auto", "torchvision", "pil")
+
+
+class Geometry(NamedTuple):
+    """One augmentation's geometry: the crop box (pixels of the original image) and whether it was flipped."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    flipped: bool
+
+
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params: (left, top, w, h)."""
     area = width * height
@@ -79,45 +97,136 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def mae_augment(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator,
-                return_geometry: bool = False):
-    """RandomResizedCrop(size, scale 0.2-1, bicubic) + horizontal flip + normalise -> float32 [C, size, size]
-    (and, with `return_geometry`, the crop box (left, top, w, h) in the original image and whether it was flipped)."""
-    left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
+def draw_geometry(width: int, height: int, rng: np.random.Generator) -> Geometry:
+    """MAE's RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3) and a fair-coin horizontal flip, drawn from `rng` only."""
+    # numpy, not torch's global RNG (which v2's transforms use): a pure function of the rng's seed, on both backends.
+    left, top, w, h = random_resized_crop_box(width, height, rng)
+    return Geometry(left, top, w, h, bool(rng.random() < 0.5))
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision():
+    """-> a namespace (functional: `transforms.v2.functional`, tv_tensors, roi_align), or the one-line reason why
+    torchvision cannot be used."""
+    try:
+        from torchvision import tv_tensors
+        from torchvision.ops import roi_align
+        from torchvision.transforms.v2 import functional
+    except Exception as error:  # noqa: BLE001  (not only ImportError: a wheel built for another torch fails to load)
+        return f"torchvision does not import ({one_line(error)})"
+    return SimpleNamespace(functional=functional, tv_tensors=tv_tensors, roi_align=roi_align)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """"auto" -> "torchvision" where it imports, else "pil" (logged); "torchvision" where it does not -> ImportError."""
+    if backend not in AUGMENT_BACKENDS:
+        raise ValueError(f"augmentation backend {backend!r}: one of {AUGMENT_BACKENDS}")
+    if backend == "pil":
+        return "pil"
+    found = _torchvision()
+    if isinstance(found, str):
+        if backend == "torchvision":
+            raise ImportError(f"{found}; install the training extra: pip install automae-hf[training]")
+        _log_fallback_once(found)
+        return "pil"
+    return "torchvision"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(reason: str) -> None:
+    logger.info("%s: augmenting with the PIL/numpy fallback", reason)
+
+
+def available_backends() -> tuple[str, ...]:
+    """The augmentation backends that work here: ("torchvision", "pil") or ("pil",)."""
+    return ("pil",) if isinstance(_torchvision(), str) else ("torchvision", "pil")
+
+
+def augment(image: Image.Image, size: int, mean, std, rng: np.random.Generator, boxes=None, attention=None,
+            backend: str = "auto") -> dict:
+    """MAE's augmentation of one image, its boxes and its teacher map: `draw_geometry(rng)`, then `apply_geometry`.
+    -> `apply_geometry`'s dict and "geometry": the `Geometry`. The geometry depends on `rng` alone, so both backends
+    crop and flip alike; their pixels differ by resampling only (PIL's bicubic also reads a few pixels past the crop's
+    edges, v2's stops at them)."""
+    geometry = draw_geometry(image.width, image.height, rng)
+    return {**apply_geometry(image, geometry, size, mean, std, boxes, attention, backend), "geometry": geometry}
+
+
+def apply_geometry(image: Image.Image, geometry, size: int, mean, std, boxes=None, attention=None,
+                   backend: str = "auto") -> dict:
+    """One crop and flip applied to an image, its boxes and its teacher map together.
+
+    image: PIL, "L" or "RGB", W x H. geometry: (left, top, w, h, flipped), the crop in pixels of the image. boxes:
+    `[n, 4]` xyxy pixels of the image, or None. attention: `[heads, g, g]` map of the whole image (any float dtype), or
+    None. mean, std: C (or 1) values.
+    -> {"pixel_values": float32 `[C, size, size]` (the crop resized to size, bicubic; flipped; normalised), and where
+    given "boxes": float32 `[m, 4]` xyxy pixels of the output (clipped to the crop, those with nothing left dropped)
+    and "teacher_attention": float32 `[heads, g, g]` (bilinear samples at the centres of the crop's g x g cells)},
+    all tensors."""
+    apply = _augment_torchvision if resolve_backend(backend) == "torchvision" else _augment_pil
+    return apply(image, Geometry(*geometry), size, np.asarray(mean, np.float32), np.asarray(std, np.float32), boxes,
+                 attention)
+
+
+def _augment_torchvision(image, geometry, size, mean, std, boxes, attention) -> dict:
+    tv = _torchvision()
+    F, (left, top, w, h, flipped) = tv.functional, geometry
+
+    def crop_flip(inpt, interpolation=F.InterpolationMode.BICUBIC):
+        out = F.resized_crop(inpt, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
+        return F.horizontal_flip(out) if flipped else out
+
+    # uint8 through the resize: rounded and clamped to 0-255 like PIL's, before the float conversion.
+    pixels = crop_flip(F.to_image(image)).as_subclass(torch.Tensor).to(torch.float32).div_(255.0)
+    pixels = pixels.sub_(torch.from_numpy(mean).view(-1, 1, 1)).div_(torch.from_numpy(std).view(-1, 1, 1))
+    out = {"pixel_values": pixels.contiguous()}
+    if boxes is not None:
+        wrapped = tv.tv_tensors.BoundingBoxes(torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4),
+                                              format="XYXY", canvas_size=(image.height, image.width))
+        moved = crop_flip(wrapped).as_subclass(torch.Tensor)  # clipped to the crop by v2
+        # Not v2.SanitizeBoundingBoxes: its min_size >= 1 px would also drop the thin boxes the fallback keeps.
+        out["boxes"] = moved[(moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])].contiguous()
+    if attention is not None:
+        maps = torch.as_tensor(np.asarray(attention, np.float32))
+        rows, columns = maps.shape[-2:]
+        sx, sy = columns / image.width, rows / image.height
+        # The map covers the whole image on a g x g grid, so v2's pixel crop params do not apply to it (as an Image
+        # it would be cropped in its own cells; a plain tensor beside an Image passes v2 untouched): RoIAlign with
+        # one sample per cell takes bilinear samples at the crop's cell centres in map coordinates instead.
+        box = torch.tensor([[0.0, left * sx, top * sy, (left + w) * sx, (top + h) * sy]])
+        crop = tv.roi_align(maps[None], box, (rows, columns), spatial_scale=1.0, sampling_ratio=1, aligned=True)[0]
+        out["teacher_attention"] = (F.horizontal_flip(crop) if flipped else crop).contiguous()
+    return out
+
+
+# ---- the fallback where torchvision does not import: PIL for pixels, numpy for boxes and maps --------------------
+# Kept rather than an ImportError: PyPI's Linux torchvision wheels are CUDA builds that do not load beside a CPU torch.
+def _augment_pil(image, geometry, size, mean, std, boxes, attention) -> dict:
+    out = {"pixel_values": torch.from_numpy(_pil_pixels(image, geometry, size, mean, std))}
+    if boxes is not None:
+        out["boxes"] = torch.from_numpy(_numpy_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), geometry, size))
+    if attention is not None:
+        out["teacher_attention"] = torch.from_numpy(_numpy_attention(np.asarray(attention, np.float32), geometry,
+                                                                     image.width, image.height))
+    return out
+
+
+def _pil_pixels(image: Image.Image, geometry, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """-> float32 `[C, size, size]`: the crop resized (bicubic), flipped, normalised."""
+    left, top, w, h, flipped = geometry
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    flipped = bool(rng.random() < 0.5)
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
     array = (array - mean) / std
-    array = np.ascontiguousarray(array.transpose(2, 0, 1))
-    return (array, (left, top, w, h, flipped)) if return_geometry else array
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def read_boxes(value, box_format: str, width: int, height: int) -> np.ndarray:
-    """A box-column entry -> `[n, 4]` float32 (x_min, y_min, x_max, y_max) pixels of the original image.
-
-    Accepts HF `objects` entries (a dict with `bbox`, or a list of dicts with `bbox`), a list of boxes, one box, or
-    nothing (None / empty: no box)."""
-    if isinstance(value, dict):
-        value = value.get("bbox")
-    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
-        value = [item.get("bbox") for item in value]
-    if value is None:
-        return np.zeros((0, 4), np.float32)
-    boxes = np.asarray(value, dtype=np.float32).reshape(-1, 4)
-    if box_format == "xywh":
-        boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
-    elif box_format == "xyxy_normalized":
-        boxes = boxes * np.asarray([width, height, width, height], np.float32)
-    return boxes
-
-
-def transform_boxes(boxes: np.ndarray, geometry, size: int) -> np.ndarray:
-    """Original-image xyxy pixel boxes -> xyxy pixels of the `size` x `size` crop `mae_augment` produced: the same
-    crop (boxes clipped to it, dropped when nothing is left), resize and horizontal flip as the image."""
+def _numpy_boxes(boxes: np.ndarray, geometry, size: int) -> np.ndarray:
+    """`[n, 4]` xyxy pixels of the original image -> `[m, 4]` xyxy pixels of the `size` x `size` output: clipped to
+    the crop (dropped when nothing is left), resized, flipped as the image."""
     left, top, w, h, flipped = geometry
     out = boxes.astype(np.float32).copy()
     out[:, [0, 2]] = np.clip((out[:, [0, 2]] - left) * (size / w), 0, size)
@@ -128,9 +237,9 @@ def transform_boxes(boxes: np.ndarray, geometry, size: int) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(-1, 4))
 
 
-def crop_attention(attention: np.ndarray, geometry, width: int, height: int) -> np.ndarray:
-    """A `[heads, g, g]` map of the whole image -> the map of `mae_augment`'s crop: bilinear samples at the centres
-    of the crop's g x g cells (same crop box and flip as the pixels). The identity for a full-image, unflipped crop."""
+def _numpy_attention(attention: np.ndarray, geometry, width: int, height: int) -> np.ndarray:
+    """A `[heads, g, g]` map of the whole (width x height) image -> the map of the crop: bilinear samples at the centres
+    of the crop's g x g cells, flipped as the image. The identity for a full-image, unflipped crop."""
     left, top, w, h, flipped = geometry
     rows, columns = attention.shape[-2:]
     u = (left + (np.arange(columns) + 0.5) * w / columns) / width * columns - 0.5
@@ -177,10 +286,11 @@ class MapImageDataset(torch.utils.data.Dataset):
     run sees exactly the same pixels as an uninterrupted one."""
 
     def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
-                 box_column: str | None = None, box_format: str = "xywh"):
+                 box_column: str | None = None, box_format: str = "xywh", backend: str = "auto"):
         self.data, self.column, self.size, self.mode, self.seed = hf_dataset, column, size, mode, seed
         self.box_column, self.box_format = box_column, box_format
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
         self.epoch = 0
 
     def __len__(self):
@@ -202,20 +312,22 @@ class MapImageDataset(torch.utils.data.Dataset):
                 skipped += 1
                 logger.warning("Skipping undecodable image at index %d: %s", j, one_line(error))
                 continue
-            rng = np.random.default_rng([self.seed, self.epoch, j])
-            array, geometry = mae_augment(image, self.size, self.mean, self.std, rng, return_geometry=True)
-            item = {"pixel_values": torch.from_numpy(array), "skipped": skipped}
-            if boxes is not None:  # the same crop and flip as the pixels
-                item["boxes"] = torch.from_numpy(transform_boxes(boxes, geometry, self.size))
-            if "teacher_attention" in example:  # cached maps: the same crop and flip as the pixels
-                cached = np.asarray(example["teacher_attention"], dtype=np.float32)
-                item["teacher_attention"] = torch.from_numpy(crop_attention(cached, geometry, image.width, image.height))
+            out = augment(image, self.size, self.mean, self.std, np.random.default_rng([self.seed, self.epoch, j]),
+                          boxes=boxes, attention=example.get("teacher_attention"), backend=self.backend)
+            item = {"pixel_values": out["pixel_values"], "skipped": skipped}
+            if boxes is not None:
+                item["boxes"] = out["boxes"]
+            if "teacher_attention" in out:  # cached maps of the whole image
+                item["teacher_attention"] = out["teacher_attention"]
             return item
         raise RuntimeError(f"No decodable image among 64 items from index {index}")
 
 
-def make_stream_transform(column, size, mean, std, mode, box_column=None, box_format="xywh"):
+def make_stream_transform(column, size, mean, std, mode, box_column=None, box_format="xywh", backend="auto"):
+    """-> a `datasets.map` function: example -> {"pixel_values": float32 `[C, size, size]` numpy or None (undecodable),
+    "skipped": 0 or 1, and with `box_column` "boxes": float32 `[n, 4]`}. Unseeded: a stream does not resume exactly."""
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    backend = resolve_backend(backend)
 
     def transform(example):
         empty = {"boxes": np.zeros((0, 4), np.float32)} if box_column else {}
@@ -224,11 +336,11 @@ def make_stream_transform(column, size, mean, std, mode, box_column=None, box_fo
             boxes = read_boxes(example[box_column], box_format, image.width, image.height) if box_column else None
         except Exception:  # noqa: BLE001
             return {"pixel_values": None, "skipped": 1, **empty}
-        array, geometry = mae_augment(image, size, mean, std, np.random.default_rng(), return_geometry=True)
-        out = {"pixel_values": array, "skipped": 0}
+        out = augment(image, size, mean, std, np.random.default_rng(), boxes=boxes, backend=backend)
+        result = {"pixel_values": out["pixel_values"].numpy(), "skipped": 0}
         if boxes is not None:
-            out["boxes"] = transform_boxes(boxes, geometry, size)
-        return out
+            result["boxes"] = out["boxes"].numpy()
+        return result
 
     return transform
 

@@ -449,6 +449,24 @@ def param_groups_lrd(model, learning_rate: float, weight_decay: float, layer_dec
     return [groups[k] for k in sorted(groups)]
 
 
+def takes_param_groups(optimizer_cls, optimizer_kwargs) -> bool:
+    """False for the `--optim` choices that build their own parameter groups (GaLore, LOMO, Muon, ...): a factory
+    instead of an optimizer class, or keyword arguments that replace the parameters."""
+    is_class = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)
+    return is_class and not {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+
+
+def check_optimizer(args: FinetuningArguments, model, parser) -> None:
+    """Fails in one line, before any training, on an `--optim` that cannot be built (a missing package) or that
+    cannot take the layer-decay parameter groups."""
+    try:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except Exception as error:  # noqa: BLE001  (unknown optimizer, optional package not installed)
+        parser.error(f"--optim {args.optim}: {one_line(error)}")
+    if args.layer_decay != 1 and not takes_param_groups(optimizer_cls, optimizer_kwargs):
+        parser.error(f"--optim {args.optim} builds its own parameter groups: use it with --layer_decay 1")
+
+
 def load_saved_weights(model, folder) -> None:
     """Copies the weights `save_pretrained` wrote to `folder` into `model`, reading them as `from_pretrained` does.
 
@@ -497,10 +515,8 @@ class FinetuningTrainer(Trainer):
         opt_model = self.model if model is None else model
         optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
                                            or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
-        factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
-        if factory or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            # GaLore, LOMO, Muon, ... build their own parameter groups: no layer decay with them.
-            if self.args.layer_decay != 1:
+        if not takes_param_groups(optimizer_cls, optimizer_kwargs):
+            if self.args.layer_decay != 1:  # main() refuses this combination before training
                 raise ValueError(f"--optim {self.args.optim} builds its own parameter groups; use --layer_decay 1")
             return super().create_optimizer(model)
         num_layers = self.accelerator.unwrap_model(self.model).config.num_hidden_layers
@@ -595,6 +611,7 @@ def main(argv=None):
     train, evaluation, image_column, label_column, names, eval_split = load_splits(
         data_args, parser, training_args.seed, model_args.cache_dir)
     model = load_model(model_args, parser, names)
+    check_optimizer(training_args, model, parser)
     config = model.config
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     mode = {1: "L", 3: "RGB"}.get(config.num_channels)
@@ -642,6 +659,11 @@ def main(argv=None):
         trainer = FinetuningTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     data_collator=collate, compute_metrics=compute_metrics, processing_class=processor,
                                     callbacks=callbacks)
+        if push and training_args.hub_revision:  # the Trainer pushes to the branch but does not create it
+            import transformers.trainer
+
+            transformers.trainer.hf_api().create_branch(trainer.hub_model_id, branch=training_args.hub_revision,
+                                                        token=training_args.hub_token, exist_ok=True)
     except Exception as error:  # noqa: BLE001  (push_to_hub creates the repository here, before any training)
         if not push:
             raise

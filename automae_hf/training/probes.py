@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import decode_image
+from .data import decode_image, one_line
 
 
 @torch.no_grad()
@@ -146,10 +146,46 @@ def _load_split(dataset, image_column, label_column, processor, num_channels):
     return pixel_values[:, :num_channels], torch.tensor(dataset[label_column])
 
 
+def load_probe_data(args, parser):
+    """-> a DatasetDict with the train and evaluation splits: `--train_dir` / `--eval_dir` image folders, a
+    `save_to_disk` folder, an image folder given as `--dataset_name`, or a Hub data set."""
+    import os
+
+    import datasets
+
+    try:
+        if args.train_dir:
+            for folder in (args.train_dir, args.eval_dir):
+                if folder and not os.path.isdir(folder):
+                    parser.error(f"{folder!r} is not an existing folder")
+            if not args.eval_dir:
+                parser.error("--train_dir needs --eval_dir, the image folder of the evaluation split")
+            files = {args.train_split: os.path.join(args.train_dir, "**"), args.eval_split: os.path.join(args.eval_dir, "**")}
+            return datasets.load_dataset("imagefolder", data_files=files)
+        if not args.dataset_name:
+            parser.error("give --dataset_name (save_to_disk folder, image folder or Hub name) or --train_dir/--eval_dir")
+        if os.path.isdir(args.dataset_name):
+            saved = any(os.path.exists(os.path.join(args.dataset_name, name))
+                        for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+            if saved:
+                return datasets.load_from_disk(args.dataset_name)
+            return datasets.load_dataset("imagefolder", data_dir=args.dataset_name)  # split sub-folders: train/, test/
+        if args.dataset_name.startswith((".", "/", "~")):
+            parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
+        return datasets.load_dataset(args.dataset_name)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001  (a one-line error, never a traceback)
+        parser.error(f"cannot load the data set ({args.dataset_name or args.train_dir}): {one_line(error)}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="An AutoMAE / ViT checkpoint folder or Hub id.")
-    parser.add_argument("--dataset_name", required=True, help="A `save_to_disk` folder or a Hub data set name.")
+    parser.add_argument("--dataset_name", default=None,
+                        help="A `save_to_disk` folder, an image folder with split sub-folders, or a Hub data set name.")
+    parser.add_argument("--train_dir", default=None, help="Image folder of the training split (class = sub-folder).")
+    parser.add_argument("--eval_dir", default=None, help="Image folder of the evaluation split (with --train_dir).")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="test")
     parser.add_argument("--image_column_name", default=None)
@@ -158,32 +194,42 @@ def main(argv=None) -> None:
     parser.add_argument("--samples_per_class", type=int, default=None, help="Few-shot probe with N labels per class.")
     parser.add_argument("--seeds", type=int, default=1, help="Few-shot draws to average.")
     parser.add_argument("--probe_epochs", type=int, default=100)
+    parser.add_argument("--random_init", action="store_true",
+                        help="Also probe the same architecture randomly initialised: the baseline a probe is read against.")
     args = parser.parse_args(argv)
 
-    import os
-
-    from datasets import load_dataset, load_from_disk
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     import automae_hf  # noqa: F401  (registers the AutoMAE classes)
 
-    data = load_from_disk(args.dataset_name) if os.path.isdir(args.dataset_name) else load_dataset(args.dataset_name)
+    data = load_probe_data(args, parser)
+    for split in (args.train_split, args.eval_split):
+        if split not in data:
+            parser.error(f"split {split!r} not in the data set's splits {list(data)} (--train_split / --eval_split)")
     columns = data[args.train_split].column_names
     image_column = args.image_column_name or next((c for c in ("image", "img") if c in columns), None)
     label_column = args.label_column_name or next((c for c in ("label", "labels") if c in columns), None)
     if image_column not in columns or label_column not in columns:
         parser.error(f"need image and label columns; the data set has {columns}")
-    encoder = AutoModel.from_pretrained(args.model_name_or_path)
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    num_channels = encoder.config.num_channels
-    features = {}
-    for split in (args.train_split, args.eval_split):
-        pixel_values, labels = _load_split(data[split], image_column, label_column, processor, num_channels)
-        features[split] = (extract_features(encoder, pixel_values, pooling=args.pooling, progress=True), labels)
-    result = evaluate_features(
-        *features[args.train_split], *features[args.eval_split], args.samples_per_class, range(args.seeds), args.probe_epochs
-    )
-    print(json.dumps({"model": args.model_name_or_path, "pooling": args.pooling, **result}, indent=2))
+    try:
+        encoders = {"encoder": AutoModel.from_pretrained(args.model_name_or_path)}
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        if args.random_init:
+            torch.manual_seed(0)
+            encoders["random init"] = AutoModel.from_config(AutoConfig.from_pretrained(args.model_name_or_path))
+    except Exception as error:  # noqa: BLE001
+        parser.error(f"--model_name_or_path {args.model_name_or_path!r}: {one_line(error)}")
+    num_channels = encoders["encoder"].config.num_channels
+    pixels = {split: _load_split(data[split], image_column, label_column, processor, num_channels)
+              for split in (args.train_split, args.eval_split)}
+    report = {"model": args.model_name_or_path, "pooling": args.pooling}
+    for name, encoder in encoders.items():
+        features = {split: (extract_features(encoder, pixel_values, pooling=args.pooling, progress=True), labels)
+                    for split, (pixel_values, labels) in pixels.items()}
+        result = evaluate_features(*features[args.train_split], *features[args.eval_split], args.samples_per_class,
+                                   range(args.seeds), args.probe_epochs)
+        report.update(result) if name == "encoder" else report.update({name: result})
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
