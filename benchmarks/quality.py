@@ -52,6 +52,9 @@ from automae_hf.training.probes import evaluate_features, extract_features
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
+# A real pretrained teacher (DINOv2 ViT-S/14, `training/build_dinov2_teacher.py`), read at its own patch grid, its maps
+# computed once per image: the reference settings, and the `follow_teacher` preset. Run with --arms.
+DINOV2_ARMS = {"AutoMAE DINOv2": "reference", "AutoMAE DINOv2 preset": "follow_teacher"}
 # The knob ablation: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
 # as teacher). arm -> (config overrides, teacher).
 ABLATION = {
@@ -164,7 +167,15 @@ def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
         "attention": (["--masking", "attention", "--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE": (["--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE (self)": (["--teacher_name_or_path", "self"], "", 1),
+        **{name: (["--teacher_name_or_path", str(dinov2_folder()), "--cache_teacher_attention", "--preset", preset],
+                  ",teacher_image_size=match_grid", 1) for name, preset in DINOV2_ARMS.items() if name == arm},
     }[arm]
+
+
+def dinov2_folder() -> Path:
+    from automae_hf.training.dinov2_teacher import dinov2_teacher_path
+
+    return dinov2_teacher_path(build=True)
 
 
 def arm_folder(arm: str) -> str:
@@ -230,9 +241,11 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
         num_visible = output.mask.shape[1] - int(masked[0].sum())
         learned_top = output.mask_probs.topk(num_visible, dim=1).indices
         result["learned top-K"] = on_garment.gather(1, learned_top).float().mean().item()
-        score_top = model.mask_generator.score_head(kwargs["teacher_attention"]).topk(num_visible, dim=1).indices
+        score_top = model.mask_generator.scores(kwargs["teacher_attention"]).topk(num_visible, dim=1).indices
         result["score top-K"] = on_garment.gather(1, score_top).float().mean().item()
         result["top-K agreement"] = (learned_top.unsqueeze(2) == score_top.unsqueeze(1)).any(2).float().mean().item()
+        teacher_top_k = kwargs["teacher_attention"].mean(1).flatten(1).topk(num_visible, dim=1).indices
+        result["top-K in teacher top-K"] = (learned_top.unsqueeze(2) == teacher_top_k.unsqueeze(1)).any(2).float().mean().item()
         result["chance"] = num_visible / output.mask.shape[1]
     return result
 
@@ -310,7 +323,7 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
     result = {"knn": full["knn"], "linear": full["linear"], "knn@10": few["knn"], "linear@10": few["linear"]}
     if model_dir is not None and (model_dir / "train_summary.json").exists():  # pretrained (not random init)
         result["focus"] = foreground_focus(model_dir, test_x[:1000], mean, std, seed)
-        for key in ("top-K agreement", "chance"):  # not garment shares
+        for key in ("top-K agreement", "top-K in teacher top-K", "chance"):  # not garment shares
             if key in result["focus"]:
                 result[key] = result["focus"].pop(key)
     if cache is not None:
@@ -341,9 +354,9 @@ def main(argv=None) -> None:
     arms = list(ABLATION_ARMS if args.ablation else ARMS)
     if args.arms:
         chosen = [arm.strip() for arm in args.arms.split(",")]
-        unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION)]
+        unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION, *DINOV2_ARMS)]
         if unknown:
-            parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION]}")
+            parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION, *DINOV2_ARMS]}")
         arms = chosen
     from transformers.utils import logging
 
@@ -384,6 +397,7 @@ def main(argv=None) -> None:
     scores: dict[str, dict[str, list[float]]] = {}
     focus: dict[str, dict[str, list[float]]] = {}
     agreement: dict[str, list[float]] = {}
+    in_teacher: dict[str, list[float]] = {}  # share of the sampled top-K inside the teacher's own top-K
     chance = None
     for seed in range(args.seeds):
         from transformers import AutoImageProcessor
@@ -402,24 +416,28 @@ def main(argv=None) -> None:
                 focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
             if "top-K agreement" in probes:
                 agreement.setdefault(name, []).append(100 * probes["top-K agreement"])
+                in_teacher.setdefault(name, []).append(100 * probes["top-K in teacher top-K"])
                 chance = 100 * probes["chance"]
         (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
-    report = make_report(args, scores, focus, agreement, chance, seconds, len(train_x), len(test_x), metric_names,
-                         time.perf_counter() - start)
+    report = make_report(args, scores, focus, agreement, in_teacher, chance, seconds, len(train_x), len(test_x),
+                         metric_names, time.perf_counter() - start)
     name = "ablation" if args.ablation else "report"
     (output_dir / f"{name}.md").write_text(report + "\n")
-    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "top-K agreement": agreement, "seconds": seconds}, indent=1))
+    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "top-K agreement": agreement,
+                                                           "top-K in teacher top-K": in_teacher, "seconds": seconds},
+                                                          indent=1))
     print(report)
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def make_report(args, scores, focus, agreement, chance, seconds, num_train, num_test, metric_names, wall_seconds) -> str:
+def make_report(args, scores, focus, agreement, in_teacher, chance, seconds, num_train, num_test, metric_names,
+                wall_seconds) -> str:
     lines = [f"Fashion-MNIST ({args.data}: {num_train} train / {num_test} test), N = {args.steps} steps of 128, "
              f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
              f"(* where it exceeds both arms' seed std)", ""]
     header = ("| encoder | " + " | ".join(metric_names) + " | masked on garment % | learned top-K on garment % | "
-              "sampled top-K = scores' top-K % | pretrain s |")
-    lines += [header, "|" + "---|" * (len(metric_names) + 5)]
+              "sampled top-K = scores' top-K % | sampled top-K in teacher's top-K % | pretrain s |")
+    lines += [header, "|" + "---|" * (len(metric_names) + 6)]
     baseline = {m: summarise(scores["MAE N"][m]) for m in metric_names}
     for name, by_metric in scores.items():
         cells = []
@@ -437,7 +455,9 @@ def make_report(args, scores, focus, agreement, chance, seconds, num_train, num_
         garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
         top_cell = f"{summarise(top)[0]:.1f}" if top else "-"
         agreement_cell = f"{summarise(agreement[name])[0]:.0f}" if name in agreement else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {agreement_cell} | {time_cell} |")
+        teacher_cell = f"{summarise(in_teacher[name])[0]:.0f}" if name in in_teacher else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {agreement_cell} | "
+                     f"{teacher_cell} | {time_cell} |")
     grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
     lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
     if chance is not None:

@@ -269,3 +269,21 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
     fused, per_tensor = weights.values()
     worst = max((fused[k] - per_tensor[k]).abs().max().item() for k in fused)
     assert worst <= 1e-4, worst
+
+
+def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_dir, tmp_path):
+    """The HF examples' flags, in process: the same weights with recomputed blocks and a compiled step, and only the
+    newest N checkpoints kept."""
+    from automae_hf.training import pretraining
+
+    plain = [str(a) for a in common(data_dir / "clean", tmp_path / "plain", 3)]
+    flagged = [str(a) for a in common(data_dir / "clean", tmp_path / "flagged", 3, "--gradient_checkpointing",
+                                      "--torch_compile", "--torch_compile_backend", "aot_eager",
+                                      "--checkpointing_steps", "1", "--checkpoints_total_limit", "2")]
+    pretraining.main(plain)
+    pretraining.main(flagged)
+    first, second = load_weights(tmp_path / "plain"), load_weights(tmp_path / "flagged")
+    assert first.keys() == second.keys()
+    worst = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+    assert worst < 1e-4, worst
+    assert sorted(p.name for p in (tmp_path / "flagged" / "checkpoints").iterdir()) == ["step_2", "step_3"]

@@ -34,9 +34,11 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False) -> Path:
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False,
+                    total_limit: int | None = None) -> Path:
     """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
-    previous checkpoint as `latest`. `kill_before_commit` (tests) dies by SIGKILL between the write and the rename."""
+    previous checkpoint as `latest`. `total_limit` keeps only the newest N complete checkpoints (removed after the
+    new one is in place). `kill_before_commit` (tests) dies by SIGKILL between the write and the rename."""
     final = checkpoint_root / f"step_{step}"
     tmp = checkpoint_root / f".tmp-step_{step}"
     if accelerator.is_main_process:
@@ -53,5 +55,9 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_c
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if total_limit is not None:
+            steps = sorted(int(m.group(1)) for p in checkpoint_root.iterdir() if (m := STEP_DIR.match(p.name)))
+            for old in steps[:-total_limit]:
+                shutil.rmtree(checkpoint_root / f"step_{old}", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

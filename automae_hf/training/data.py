@@ -60,6 +60,25 @@ def decode_image(value, mode: str) -> Image.Image:
     return image
 
 
+def read_boxes(value, box_format: str, width: int, height: int) -> np.ndarray:
+    """A box-column entry -> `[n, 4]` float32 (x_min, y_min, x_max, y_max) pixels of the original image.
+
+    Accepts HF `objects` entries (a dict with `bbox`, or a list of dicts with `bbox`), a list of boxes, one box, or
+    nothing (None / empty: no box)."""
+    if isinstance(value, dict):
+        value = value.get("bbox")
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], dict):
+        value = [item.get("bbox") for item in value]
+    if value is None:
+        return np.zeros((0, 4), np.float32)
+    boxes = np.asarray(value, dtype=np.float32).reshape(-1, 4)
+    if box_format == "xywh":
+        boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    elif box_format == "xyxy_normalized":
+        boxes = boxes * np.asarray([width, height, width, height], np.float32)
+    return boxes
+
+
 # ---- MAE's augmentation: one geometry, two backends ---------------------------------------------------------------
 AUGMENT_BACKENDS = ("auto", "torchvision", "pil")
 
@@ -259,9 +278,19 @@ def _numpy_attention(attention: np.ndarray, geometry, width: int, height: int) -
 
 
 @torch.no_grad()
-def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attention_fn, batch_size, device):
-    """The teacher's maps of every (resized, unaugmented) image as a float16 `teacher_attention` column."""
+def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attention_fn, batch_size, device,
+                          teacher_key: str | None = None):
+    """The teacher's maps of every (resized, unaugmented) image as a float16 `teacher_attention` column.
+
+    `teacher_key` names the teacher and how it reads the images (e.g. its path and config): with it, `datasets`
+    stores the column under a fingerprint of (data, teacher_key, size, normalisation), so the next run with the same
+    teacher and data reuses the maps instead of running the teacher over every image again."""
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    fingerprint = None
+    if teacher_key is not None and getattr(hf_data, "_fingerprint", None):
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash([hf_data._fingerprint, teacher_key, column, mode, size, mean.tolist(), std.tolist()])
 
     def compute(batch):
         arrays = []
@@ -277,7 +306,8 @@ def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attent
         maps = teacher_attention_fn(pixel_values).to(torch.float16).cpu().numpy()
         return {"teacher_attention": list(maps)}
 
-    return hf_data.map(compute, batched=True, batch_size=batch_size, desc="teacher attention (cached once)")
+    return hf_data.map(compute, batched=True, batch_size=batch_size, desc="teacher attention (cached once)",
+                       new_fingerprint=fingerprint)
 
 
 class MapImageDataset(torch.utils.data.Dataset):

@@ -459,12 +459,13 @@ def takes_param_groups(optimizer_cls, optimizer_kwargs) -> bool:
 def check_optimizer(args: FinetuningArguments, model, parser) -> None:
     """Fails in one line, before any training, on an `--optim` that cannot be built (a missing package) or that
     cannot take the layer-decay parameter groups."""
+    optim = getattr(args.optim, "value", args.optim)
     try:
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     except Exception as error:  # noqa: BLE001  (unknown optimizer, optional package not installed)
-        parser.error(f"--optim {args.optim}: {one_line(error)}")
+        parser.error(f"--optim {optim}: {one_line(error)}")
     if args.layer_decay != 1 and not takes_param_groups(optimizer_cls, optimizer_kwargs):
-        parser.error(f"--optim {args.optim} builds its own parameter groups: use it with --layer_decay 1")
+        parser.error(f"--optim {optim} builds its own parameter groups: use it with --layer_decay 1")
 
 
 def load_saved_weights(model, folder) -> None:
@@ -517,7 +518,8 @@ class FinetuningTrainer(Trainer):
                                            or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
         if not takes_param_groups(optimizer_cls, optimizer_kwargs):
             if self.args.layer_decay != 1:  # main() refuses this combination before training
-                raise ValueError(f"--optim {self.args.optim} builds its own parameter groups; use --layer_decay 1")
+                raise ValueError(f"--optim {getattr(self.args.optim, 'value', self.args.optim)} builds its own "
+                                 "parameter groups: use it with --layer_decay 1")
             return super().create_optimizer(model)
         num_layers = self.accelerator.unwrap_model(self.model).config.num_hidden_layers
         groups = param_groups_lrd(opt_model, self.args.learning_rate, self.args.weight_decay, self.args.layer_decay,

@@ -148,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="Random seed (data order, augmentation, masks, init).")
     t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Mixed precision (default: whatever `accelerate launch` / its config says).")
+    t.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep only the newest N checkpoints under output_dir/checkpoints (as the HF examples).")
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the encoder and decoder blocks in the backward pass (less memory, more time).")
+    t.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the pretraining model (the student + score-head step compiles without a "
+                        "graph break).")
+    t.add_argument("--torch_compile_backend", default="inductor", help="Backend of --torch_compile.")
     t.add_argument("--checkpointing_steps", default=None,
                    help="Save the full training state every N optimizer steps, or 'epoch'. A final state is always saved.")
     t.add_argument("--resume_from_checkpoint", default=None,
@@ -218,6 +226,8 @@ def _check_arguments(args, parser) -> None:
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
@@ -421,8 +431,11 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
                              "'self' or 'none')")
             generator_module = model.mask_generator.to(accelerator.device)
             with accelerator.main_process_first():
+                teacher_key = json.dumps([config.teacher_name_or_path, config.teacher_config, config.teacher_image_size,
+                                          config.patch_size], sort_keys=True, default=str)
                 hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
-                                                generator_module.teacher_attention, 256, accelerator.device)
+                                                generator_module.teacher_attention, 256, accelerator.device,
+                                                teacher_key=teacher_key)
         dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column, args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
                          num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
@@ -525,6 +538,8 @@ def main(argv=None):
         logger.setLevel(logging.ERROR)
     set_seed(args.seed)
     model, teacher_mode = build_model(args, parser)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = model.config
     processor, mean, std = image_processor_for(args, config)
     train_dataset, train_dataloader, box_column = build_training_data(args, parser, accelerator, model, teacher_mode,
@@ -541,6 +556,8 @@ def main(argv=None):
     else:
         model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
     unwrapped = accelerator.unwrap_model(model)
+    if args.torch_compile:  # after prepare: DDP and the optimizers see the original parameters
+        model = torch.compile(model, backend=args.torch_compile_backend)
 
     if args.streaming:
         steps_per_epoch, max_train_steps, num_epochs = None, args.max_train_steps, 10**9
@@ -692,7 +709,7 @@ def main(argv=None):
                                 output, mean, std, boxes=batch.get("boxes"))
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
-                save_checkpoint(accelerator, checkpoint_root, completed,
+                save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
                                 kill_before_commit=args.debug_kill_during_checkpoint == completed)
                 last_saved = completed
             if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
@@ -703,14 +720,14 @@ def main(argv=None):
                 done = True
                 break
         if args.checkpointing_steps == "epoch" and not done:
-            save_checkpoint(accelerator, checkpoint_root, completed)
+            save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
             last_saved = completed
         epoch += 1
     progress.close()
 
     # ---- the end: last checkpoint, the model folder, the summary, the push -------------------------------------
     if last_saved != completed:
-        save_checkpoint(accelerator, checkpoint_root, completed)
+        save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
     if args.debug_dump_weights:
