@@ -42,6 +42,15 @@ def make_image(label: int, rng, mode: str) -> Image.Image:
     return Image.fromarray(array).convert(mode)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread, and much faster on a machine shared with other test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Two `save_to_disk` folders: "full" (train 36 = 12 per class / validation 6 / test 6) and "test_only" (the same
@@ -143,6 +152,7 @@ def test_defaults_and_trainer_flags():
         ("accuracy", True, False, 0.75)
     assert args.report_to == [] and args.gradient_checkpointing and args.resume_from_checkpoint == "last"
     assert (args.hub_strategy, args.optim) == ("end", "adamw_torch")
+    assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)  # workers outlive tiny epochs
     assert finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o"])[3].optim == "adamw_torch_fused"
     # A fixed schedule: no checkpoints, nothing to restore; steps: checkpoints at the evaluations
     fixed = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o", "--eval_strategy", "no"])[3]

@@ -261,7 +261,8 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
         out = tmp_path / optim
         extra = ["--checkpointing_steps", 2] + ([] if optim == "adamw_torch_fused" else ["--optim", optim])
         run(common(data_dir / "clean", out, 2, *extra))
-        for name in ("optimizer.bin", "optimizer_1.bin"):  # student, D
+        # student (prepared by accelerate), D (registered for checkpointing after the state and the two schedules)
+        for name in ("optimizer.bin", "custom_checkpoint_3.pkl"):
             state = torch.load(out / "checkpoints" / "step_2" / name, weights_only=True)
             assert all(bool(group["fused"]) == (optim == "adamw_torch_fused") for group in state["param_groups"])
             assert all(tuple(group["betas"]) == (0.9, 0.95) for group in state["param_groups"])  # D too, as MAE
@@ -287,3 +288,13 @@ def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_d
     worst = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
     assert worst < 1e-4, worst
     assert sorted(p.name for p in (tmp_path / "flagged" / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+
+def test_noise_streams_are_independent_per_rank_and_reproducible():
+    from automae_hf.training.pretraining import noise_seed
+
+    seeds = {(rank, step): noise_seed(0, rank, step) for rank in range(4) for step in range(50)}
+    assert len(set(seeds.values())) == len(seeds)  # no two (rank, micro-batch) share a stream
+    assert noise_seed(0, 1, 7) == noise_seed(0, 1, 7) and noise_seed(1, 1, 7) != noise_seed(0, 1, 7)
+    # rank r's stream is not rank 0's shifted by a constant (the old linear seeding's flaw)
+    assert len({noise_seed(0, 1, step + 1) - noise_seed(0, 0, step) for step in range(10)}) == 10

@@ -129,6 +129,9 @@ class FinetuningArguments(TrainingArguments):
         "help": "Must stay off: the image data sets have no model-argument columns."})
     dataloader_num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={
         "help": "Processes decoding and augmenting images."})
+    dataloader_persistent_workers: bool = field(default=True, metadata={
+        "help": "Keep the workers between epochs (a few-shot epoch is shorter than starting them); off without "
+                "workers. The augmentation does not depend on it."})
     dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={
         "help": "Pin host memory (only useful with a GPU)."})
     hub_private_repo: bool | None = field(default=None, metadata={
@@ -147,6 +150,9 @@ class FinetuningArguments(TrainingArguments):
         "help": "With --push_to_hub: list what would be uploaded, upload nothing (no Hub call at all)."})
 
     def __post_init__(self):
+        """Checks our fields, then fills in what follows from the others before `TrainingArguments` validates them:
+        the warm-up as a share of the schedule, checkpoints where the evaluations are, and restoring the best one
+        whenever there is evaluation during training."""
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must lie in (0, 1], got {self.layer_decay}")
         if not 0 <= self.warmup_ratio < 1:
@@ -155,19 +161,25 @@ class FinetuningArguments(TrainingArguments):
             raise ValueError(f"--early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if self.warmup_steps == 0:
             self.warmup_steps = self.warmup_ratio  # a float below 1 is a share of the schedule for the Trainer
-        evaluating = str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no"
-        if self.save_strategy is None:  # checkpoints where the evaluations are, so the best one can be restored
-            self.save_strategy = self.eval_strategy
-            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps":
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
+        eval_strategy = _value(self.eval_strategy)
+        if self.save_strategy is None:
+            self.save_strategy = eval_strategy
+            if eval_strategy == "steps":
                 self.save_steps = self.eval_steps or self.logging_steps  # the Trainer's eval_steps fallback
         if self.load_best_model_at_end is None:
-            self.load_best_model_at_end = evaluating and str(
-                getattr(self.save_strategy, "value", self.save_strategy)) in (
-                str(getattr(self.eval_strategy, "value", self.eval_strategy)), "best")
+            self.load_best_model_at_end = eval_strategy != "no" and _value(self.save_strategy) in (eval_strategy, "best")
         super().__post_init__()
 
 
+def _value(option) -> str:
+    """An enum option of TrainingArguments (after validation) or its string (before) -> the string."""
+    return str(getattr(option, "value", option))
+
+
 def build_parser() -> HfArgumentParser:
+    """The command line: every field of the three dataclasses is a `--flag`, TrainingArguments' included."""
     return HfArgumentParser((ModelArguments, DataArguments, FinetuningArguments),
                             description="Finetune an AutoMAE / ViT encoder for image classification (HF Trainer).")
 
@@ -204,7 +216,7 @@ def parse_arguments(argv=None):
             if parsed[-1]:
                 parser.error(f"unrecognized arguments: {' '.join(parsed[-1])}")
             parsed = parsed[:-1]
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # a dataclass refusing a value, an unreadable arguments file
         parser.error(one_line(error))
     model_args, data_args, training_args = parsed
     if training_args.push_to_hub and not training_args.hub_model_id:
@@ -459,7 +471,7 @@ def takes_param_groups(optimizer_cls, optimizer_kwargs) -> bool:
 def check_optimizer(args: FinetuningArguments, model, parser) -> None:
     """Fails in one line, before any training, on an `--optim` that cannot be built (a missing package) or that
     cannot take the layer-decay parameter groups."""
-    optim = getattr(args.optim, "value", args.optim)
+    optim = _value(args.optim)
     try:
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     except Exception as error:  # noqa: BLE001  (unknown optimizer, optional package not installed)
@@ -518,8 +530,8 @@ class FinetuningTrainer(Trainer):
                                            or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
         if not takes_param_groups(optimizer_cls, optimizer_kwargs):
             if self.args.layer_decay != 1:  # main() refuses this combination before training
-                raise ValueError(f"--optim {getattr(self.args.optim, 'value', self.args.optim)} builds its own "
-                                 "parameter groups: use it with --layer_decay 1")
+                raise ValueError(f"--optim {_value(self.args.optim)} builds its own parameter groups: use it "
+                                 "with --layer_decay 1")
             return super().create_optimizer(model)
         num_layers = self.accelerator.unwrap_model(self.model).config.num_hidden_layers
         groups = param_groups_lrd(opt_model, self.args.learning_rate, self.args.weight_decay, self.args.layer_decay,
@@ -707,11 +719,12 @@ def main(argv=None):
     trainer.card_kwargs = dict(repo_id=training_args.hub_model_id, dataset_name=data_args.dataset_name,
                                base_model=model_args.model_name_or_path, results=metrics,
                                license=training_args.license, extra_settings=[(k, str(v)) for k, v in settings])
-    print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "output_dir": training_args.output_dir}))
+    if trainer.is_world_process_zero():
+        print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "output_dir": training_args.output_dir}))
     if not push:
         trainer.save_model()  # the best checkpoint (load_best_model_at_end), else the last weights
         trainer.create_model_card()
-        if training_args.dry_run:
+        if training_args.dry_run and trainer.is_world_process_zero():
             push_folder(training_args.output_dir, training_args.hub_model_id, bool(training_args.hub_private_repo),
                         training_args.hub_revision, dry_run=True, ignore_patterns=TRAINER_PUSH_IGNORE)
         return metrics

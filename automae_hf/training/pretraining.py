@@ -470,6 +470,12 @@ def make_schedule(args, optimizer, warmup_steps: int, max_train_steps: int):
                                       num_training_steps=max_train_steps)
 
 
+def noise_seed(seed: int, rank: int, micro_batch: int) -> int:
+    """The seed of one micro-batch's mask, Gumbel and box-prior noise: independent streams per (seed, rank,
+    micro-batch) through `numpy.random.SeedSequence`, yet a pure function of them, so a resumed run redraws the same."""
+    return int(np.random.SeedSequence([seed, rank, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column) -> dict:
     """What the run folder says about itself (`train_summary.json`): Hub ids only, never local paths."""
     teacher = args.teacher_name_or_path if teacher_mode == "teacher" else teacher_mode
@@ -551,8 +557,10 @@ def main(argv=None):
         ignore = [n for n, _ in model.named_parameters() if n.startswith("discriminator.")]
         ignore += [n for n, _ in model.named_buffers() if n.startswith("discriminator.")]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        model, discriminator, student_optimizer, d_optimizer, train_dataloader = accelerator.prepare(
-            model, discriminator, student_optimizer, d_optimizer, train_dataloader)
+        # D's optimizer stays outside accelerate: D computes in float32 and needs no loss scaling, so under fp16 the
+        # one GradScaler belongs to the student alone and updates once per iteration.
+        model, discriminator, student_optimizer, train_dataloader = accelerator.prepare(
+            model, discriminator, student_optimizer, train_dataloader)
     else:
         model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
     unwrapped = accelerator.unwrap_model(model)
@@ -579,7 +587,7 @@ def main(argv=None):
     state = TrainState()
     accelerator.register_for_checkpointing(state, student_scheduler)
     if d_scheduler is not None:
-        accelerator.register_for_checkpointing(d_scheduler)
+        accelerator.register_for_checkpointing(d_scheduler, d_optimizer)
     checkpoint_root = output_dir / "checkpoints"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -610,12 +618,13 @@ def main(argv=None):
 
     # ---- the iteration: teacher attention once -> D step -> student + score-head step (docs/method.md §3) -------
     def discriminator_step(attention):
-        """Through the DDP-wrapped D (real and fake in one call, so its gradients sync)."""
+        """Through the DDP-wrapped D (real and fake in one call, so its gradients sync); a float32 loss, unscaled."""
         output = unwrapped.discriminator_loss(teacher_attention=attention, generator=noise_generator,
                                               discriminator=discriminator)
-        accelerator.backward(output.loss)
-        d_optimizer.step()
-        d_optimizer.zero_grad(set_to_none=True)
+        (output.loss / args.gradient_accumulation_steps).backward()
+        if accelerator.sync_gradients:
+            d_optimizer.step()
+            d_optimizer.zero_grad(set_to_none=True)
         return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
                     d_fake_accuracy=output.fake_accuracy)
 
@@ -671,7 +680,7 @@ def main(argv=None):
             if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
                 continue
             micro_index = completed * args.gradient_accumulation_steps + micro_in_step
-            noise_generator.manual_seed((args.seed * 1_000_003 + accelerator.process_index * 7_919 + micro_index) % 2**63)
+            noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
             output, metrics = train_step(batch)
             window_images += batch["pixel_values"].shape[0]
             for key, value in metrics.items():  # summed on the device: no host sync outside logging steps

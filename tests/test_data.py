@@ -1,0 +1,136 @@
+"""MAE's augmentation on both backends (torchvision.transforms.v2 and the PIL/numpy fallback): one geometry, boxes and
+teacher maps that follow the pixels, and items that are a pure function of (seed, epoch, index)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from automae_hf.training import data
+from automae_hf.training.data import MapImageDataset, augment, available_backends, resolve_backend
+
+needs_torchvision = pytest.mark.skipif("torchvision" not in available_backends(),
+                                       reason="torchvision does not import here: only the fallback is tested")
+
+
+def smooth_image(mode: str, width: int = 96, height: int = 72) -> Image.Image:
+    """A smooth colour ramp with a bright square (x 40..70, y 20..50) on it: resampling it is well conditioned."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    array = np.stack([x / width * 120, y / height * 120, (x + y) / (width + height) * 120], axis=-1)
+    array[20:50, 40:70] = 255
+    image = Image.fromarray(array.round().astype(np.uint8), "RGB")
+    return image if mode == "RGB" else image.convert("L")
+
+
+SQUARE = np.array([[40, 20, 70, 50]], np.float32)
+
+
+def square_map(width: int = 96, height: int = 72, g: int = 12) -> np.ndarray:
+    """`[2, g, g]` float16: head 0 is the square's coverage of each cell of the whole image, head 1 a column ramp."""
+    cover = np.zeros((height, width), np.float32)
+    cover[20:50, 40:70] = 1
+    cells = Image.fromarray(cover).resize((g, g), Image.BOX)
+    return np.stack([np.asarray(cells), np.tile(np.arange(g, dtype=np.float32), (g, 1))]).astype(np.float16)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_backends_agree_on_the_geometry_and_nearly_on_the_pixels(mode):
+    image, channels = smooth_image(mode), 3 if mode == "RGB" else 1
+    mean, std = [0.0] * channels, [1.0] * channels
+    boxes = np.concatenate([SQUARE, [[0, 0, 3, 2], [95, 70, 96, 72]]]).astype(np.float32)
+    for seed in range(30):
+        pil, tv = (augment(image, 32, mean, std, np.random.default_rng(seed), boxes, square_map(), backend=backend)
+                   for backend in ("pil", "torchvision"))
+        assert pil["geometry"] == tv["geometry"]
+        assert tv["pixel_values"].shape == (channels, 32, 32) and tv["pixel_values"].dtype == torch.float32
+        difference = (pil["pixel_values"] - tv["pixel_values"]).abs() * 255
+        # Inside, both are bicubic with antialiasing, rounded to uint8; at the edges PIL also reads past the crop.
+        assert float(difference[:, 3:-3, 3:-3].max()) <= 1.0 + 1e-3, seed
+        assert float(difference.mean()) < 1.0, seed
+        assert pil["boxes"].shape == tv["boxes"].shape, seed
+        torch.testing.assert_close(tv["boxes"], pil["boxes"], atol=1e-4, rtol=0)
+        assert tv["teacher_attention"].shape == (2, 12, 12) and tv["teacher_attention"].dtype == torch.float32
+        torch.testing.assert_close(tv["teacher_attention"], pil["teacher_attention"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_boxes_and_map_follow_the_crop_and_flip(backend):
+    if backend not in available_backends():
+        pytest.skip("torchvision does not import here")
+    image, g = smooth_image("RGB"), 12
+    flips, checked = set(), 0
+    for seed in range(40):
+        out = augment(image, 48, [0, 0, 0], [1, 1, 1], np.random.default_rng(seed), SQUARE, square_map(g=g),
+                      backend=backend)
+        bright = out["pixel_values"].min(0).values.numpy() > 0.75  # only the square is bright in all channels
+        moved, maps = out["boxes"].numpy(), out["teacher_attention"].numpy()
+        if len(moved) == 0:
+            assert bright.mean() < 0.02 and maps[0].max() < 0.6, seed
+            continue
+        flips.add(out["geometry"].flipped)
+        x0, y0, x1, y1 = moved[0]
+        inside = np.zeros_like(bright)
+        inside[int(np.ceil(y0)) : int(np.floor(y1)), int(np.ceil(x0)) : int(np.floor(x1))] = True
+        margin = np.zeros_like(bright)
+        margin[max(0, int(y0) - 2) : int(np.ceil(y1)) + 2, max(0, int(x0) - 2) : int(np.ceil(x1)) + 2] = True
+        if inside.sum() >= 4:
+            assert bright[inside].mean() > 0.9, seed
+        assert not bright[~margin].any(), seed
+        # The map's cells (4 x 4 pixels of the output) where the square is: high where the pixels are bright.
+        cell_bright = bright.reshape(g, 4, g, 4).mean((1, 3))
+        if 0 < cell_bright.mean() < 1:
+            assert np.corrcoef(cell_bright.ravel(), maps[0].ravel())[0, 1] > 0.8, seed
+        # Head 1 was a left-to-right ramp of the whole image: it still increases left to right unless flipped.
+        slope = np.sign(np.diff(maps[1].mean(0)).sum())
+        assert slope == (-1 if out["geometry"].flipped else 1), seed
+        checked += 1
+    assert checked > 20 and flips == {True, False}
+
+
+@pytest.fixture()
+def box_and_map_data(tmp_path):
+    import datasets
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        smooth_image("RGB", 96 - 8 * i, 72).save(path)
+        paths.append(str(path))
+    table = {"image": paths, "objects": [{"bbox": [[40, 20, 30, 30]]}] * 3,
+             "teacher_attention": [square_map(96 - 8 * i) for i in range(3)]}
+    return datasets.Dataset.from_dict(table).cast_column("image", datasets.Image(decode=False))
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_items_are_a_function_of_seed_epoch_and_index(box_and_map_data, backend):
+    if backend not in available_backends():
+        pytest.skip("torchvision does not import here")
+
+    def items(seed, epoch):
+        dataset = MapImageDataset(box_and_map_data, "image", 32, [0.5] * 3, [0.25] * 3, "RGB", seed,
+                                  box_column="objects", backend=backend)
+        dataset.set_epoch(epoch)
+        return [dataset[i] for i in range(len(dataset))]
+
+    first, again = items(7, 2), items(7, 2)
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys() == {"pixel_values", "skipped", "boxes", "teacher_attention"}
+        for key in ("pixel_values", "boxes", "teacher_attention"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["pixel_values"].shape == (3, 32, 32) and a["teacher_attention"].shape == (2, 12, 12)
+    torch.manual_seed(123)  # torch's global RNG plays no part
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, items(7, 2)))
+    others = items(7, 3) + items(8, 2)
+    assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first * 2, others))
+
+
+def test_without_torchvision_auto_falls_back_and_torchvision_names_the_extra(monkeypatch):
+    monkeypatch.setattr(data, "_torchvision", lambda: "torchvision does not import (No module named 'torchvision')")
+    assert resolve_backend("auto") == "pil" and available_backends() == ("pil",)
+    with pytest.raises(ImportError, match=r"pip install automae-hf\[training\]"):
+        resolve_backend("torchvision")
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("opencv")
+    out = augment(smooth_image("L"), 16, [0.5], [0.5], np.random.default_rng(0))
+    assert out["pixel_values"].shape == (1, 16, 16) and out["pixel_values"].dtype == torch.float32
