@@ -14,7 +14,7 @@ Hugging Face `Trainer`, on `HfArgumentParser` + `TrainingArguments` like transfo
 Every `TrainingArguments` flag works (`--report_to`, `--gradient_checkpointing`, `--torch_compile`, `--fsdp`,
 `--deepspeed`, `--hub_strategy`, ...); the defaults differ where MAE's recipe does (lr 1e-3, weight decay 0.05,
 10 epochs, cosine schedule with 10% warm-up, evaluation and checkpoints every epoch, the best checkpoint restored at
-the end). The old hub spellings `--private` and `--revision` still work (read as `--hub_private_repo true` and
+the end). The old hub spellings `--private` and `--revision` still work (aliases of `--hub_private_repo` and
 `--hub_revision`); `--dry_run` lists what `--push_to_hub` would upload and uploads nothing.
 
 MAE's finetuning recipe, scaled down: RandomResizedCrop (0.08-1, bicubic) + horizontal flip (PIL/numpy, no
@@ -55,8 +55,6 @@ VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 MIN_STEPS_BETWEEN_EVALUATIONS = 10
 # What `Trainer.push_to_hub` leaves out of the upload; the dry run lists the same files.
 TRAINER_PUSH_IGNORE = ("_*", "checkpoint-*")
-# Old spellings of the hub flags -> what they mean now (argv is rewritten before parsing).
-LEGACY_FLAGS = {"--private": ["--hub_private_repo", "true"], "--revision": ["--hub_revision"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,9 +133,10 @@ class FinetuningArguments(TrainingArguments):
     dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={
         "help": "Pin host memory (only useful with a GPU)."})
     hub_private_repo: bool | None = field(default=None, metadata={
-        "help": "Create the Hub repository as private (old spelling: --private)."})
+        "aliases": ["--private"], "nargs": "?", "const": True,  # a bare flag, as the old --private was
+        "help": "Create the Hub repository as private (old spelling: --private); default the account's setting."})
     hub_revision: str | None = field(default=None, metadata={
-        "help": "Branch to push to (old spelling: --revision)."})
+        "aliases": ["--revision"], "help": "Branch to push to, created when missing (old spelling: --revision)."})
     layer_decay: float = field(default=0.75, metadata={
         "help": "lr x layer_decay^(depth from the top), in (0, 1]; 1: the same lr everywhere."})
     warmup_ratio: float = field(default=0.1, metadata={
@@ -184,22 +183,6 @@ def build_parser() -> HfArgumentParser:
                             description="Finetune an AutoMAE / ViT encoder for image classification (HF Trainer).")
 
 
-def rewrite_legacy_flags(argv: list[str]) -> list[str]:
-    """`--private` -> `--hub_private_repo true`, `--revision X` / `--revision=X` -> `--hub_revision X`."""
-    out = []
-    for token in argv:
-        name, equals, value = token.partition("=")
-        if name in LEGACY_FLAGS:
-            replacement = LEGACY_FLAGS[name]
-            if equals and len(replacement) == 1:
-                out.append(f"{replacement[0]}={value}")
-            else:
-                out.extend(replacement)
-        else:
-            out.append(token)
-    return out
-
-
 def parse_arguments(argv=None):
     """-> (parser, ModelArguments, DataArguments, FinetuningArguments). One `.json` / `.yaml` file argument holds
     every flag; bad values end in one `error:` line (argparse's exit code 2), not a traceback."""
@@ -211,7 +194,7 @@ def parse_arguments(argv=None):
         elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
             parsed = parser.parse_yaml_file(os.path.abspath(argv[0]))
         else:
-            parsed = parser.parse_args_into_dataclasses(args=rewrite_legacy_flags(argv), look_for_args_file=False,
+            parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
                                                         return_remaining_strings=True)
             if parsed[-1]:
                 parser.error(f"unrecognized arguments: {' '.join(parsed[-1])}")
