@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,19 @@ def checkpoint_conversion_mapping() -> list:
 
 
 register_checkpoint_conversion_mapping("automae", checkpoint_conversion_mapping(), overwrite=True)
+
+
+def to_runtime_keys(state_dict: dict) -> dict:
+    """A state dict with checkpoint key names (what `save_pretrained` writes) under the run-time module names; keys
+    that already are run-time names pass unchanged."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for saved, runtime in _BLOCK_NAMES:
+            key, count = re.subn(_OWN_BLOCKS + saved + r"(?=\.)", r"\1" + runtime, key)
+            if count:
+                break
+        renamed[key] = value
+    return renamed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,6 +455,11 @@ class AutoMAEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         _init_module(module, self.config)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Also takes the checkpoint key names `save_pretrained` writes, e.g. when the HF Trainer restores its best
+        checkpoint with `load_state_dict` (not `from_pretrained`, which renames them itself)."""
+        return super().load_state_dict(to_runtime_keys(state_dict), *args, **kwargs)
 
     def refreeze(self) -> None:
         for name, parameter in self.named_parameters():

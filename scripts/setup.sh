@@ -2,8 +2,26 @@
 # Installs the package and what it needs. Usage: bash scripts/setup.sh [extra,...]  (default: dev)
 # torch is installed only when absent: pinned to 2.13.0 (a CPU wheel on our CPU machines, the CUDA wheel from PyPI
 # elsewhere), so an existing GPU build is never replaced and no multi-GB download happens by accident.
+# Every later install names the installed torch's version: each torchvision release pins one torch release, so an
+# unpinned `torchvision` would replace torch. The training and dev extras get the torchvision of that torch
+# (torch 2.N <-> torchvision 0.(N+15)), kept only if it imports: PyPI's Linux torchvision wheels are CUDA builds that do
+# not load beside a CPU torch, and a torchvision that fails to import also breaks transformers' image processors.
+# automae_hf's data path then uses its PIL/numpy fallback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[${extras}]"
+torch_full="$(python -c 'import torch; print(torch.__version__)')"
+torch_version="${torch_full%%+*}"
+pins=("torch==${torch_version}")
+if [[ ",${extras}," =~ ,(training|dev), ]]; then
+    IFS=. read -r torch_major torch_minor _ <<<"${torch_version}"
+    [[ "${torch_major}" == "2" ]] && pins+=("torchvision==0.$((torch_minor + 15)).*")
+fi
+python -m pip install -q -e ".[${extras}]" "${pins[@]}"
+if [[ "${pins[*]}" == *torchvision* ]] && ! python -c "import torchvision.transforms.v2, torchvision.ops" 2>/dev/null; then
+    python -m pip uninstall -q -y torchvision
+    echo "setup.sh: torchvision does not import beside torch ${torch_full} (PyPI's Linux wheels are CUDA builds; a CPU" \
+         "torch needs PyTorch's CPU wheel index, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu):" \
+         "uninstalled it; the data path uses its PIL/numpy fallback." >&2
+fi

@@ -735,3 +735,19 @@ def test_trust_remote_code_loads_without_the_package(folders, remote_code_proces
     torch.testing.assert_close(out["cls_logits"], cls_logits, atol=1e-6, rtol=0)
     assert out["pt_as_cls_logits"].shape == (2, 5)
     torch.testing.assert_close(out["mg_attention"], mg_attention, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("model_class", [AutoMAEModel, AutoMAEForImageClassification, AutoMAEForPreTraining])
+def test_load_state_dict_takes_the_saved_key_names(model_class, tmp_path):
+    """What the HF Trainer does to restore a checkpoint: `load_state_dict` with the file's (checkpoint) names."""
+    torch.manual_seed(0)
+    config = make_tiny_config(num_labels=3, masking="random")
+    saved = model_class(config)
+    saved.save_pretrained(tmp_path)
+    file_keys = load_file(str(tmp_path / "model.safetensors"))
+    assert any("attention.attention.query" in key for key in file_keys)
+    torch.manual_seed(1)
+    fresh = model_class(config)
+    result = fresh.load_state_dict(file_keys, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_state_dicts_equal(fresh.state_dict(), saved.state_dict(), model_class.__name__)
