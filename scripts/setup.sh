@@ -14,14 +14,15 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 torch_full="$(python -c 'import torch; print(torch.__version__)')"
 torch_version="${torch_full%%+*}"
 pins=("torch==${torch_version}")
-if [[ ",${extras}," =~ ,(training|dev), ]]; then
-    IFS=. read -r torch_major torch_minor _ <<<"${torch_version}"
-    [[ "${torch_major}" == "2" ]] && pins+=("torchvision==0.$((torch_minor + 15)).*")
+IFS=. read -r torch_major torch_minor _ <<<"${torch_version}"
+if [[ ",${extras}," =~ ,(training|dev), && "${torch_major}" == "2" ]]; then
+    pins+=("torchvision==0.$((torch_minor + 15)).*")
 fi
 python -m pip install -q -e ".[${extras}]" "${pins[@]}"
-if [[ "${pins[*]}" == *torchvision* ]] && ! python -c "import torchvision.transforms.v2, torchvision.ops" 2>/dev/null; then
+if [[ "${pins[*]}" == *torchvision* ]] \
+        && ! python -c "import torchvision.transforms.v2, torchvision.ops" 2>/dev/null; then
     python -m pip uninstall -q -y torchvision
-    echo "setup.sh: torchvision does not import beside torch ${torch_full} (PyPI's Linux wheels are CUDA builds; a CPU" \
-         "torch needs PyTorch's CPU wheel index, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu):" \
-         "uninstalled it; the data path uses its PIL/numpy fallback." >&2
+    echo "setup.sh: torchvision does not import beside torch ${torch_full} (PyPI's Linux wheels are CUDA builds; for" \
+         "a CPU torch, PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu); uninstalled" \
+         "it, so transformers keeps working; automae_hf's data path uses its PIL/numpy fallback." >&2
 fi

@@ -215,7 +215,8 @@ def test_boxes_follow_crop_and_flip():
     for seed in range(40):
         result = augment(image, 32, mean, std, np.random.default_rng(seed), boxes=boxes)
         again = augment(image, 32, mean, std, np.random.default_rng(seed), boxes=boxes)
-        assert torch.equal(result["pixel_values"], again["pixel_values"]) and torch.equal(result["boxes"], again["boxes"])
+        assert torch.equal(result["pixel_values"], again["pixel_values"])
+        assert torch.equal(result["boxes"], again["boxes"])
         out, moved, geometry = result["pixel_values"].numpy(), result["boxes"].numpy(), result["geometry"]
         bright = out[0] > 0.5
         if len(moved) == 0:
