@@ -606,9 +606,10 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         (model[0] if isinstance(model, tuple) else model).freeze_teacher()
         return model
 
-    def load_teacher(self, name_or_path: str, **kwargs) -> None:
+    def load_teacher(self, name_or_path: str, fresh: bool = False, **kwargs) -> None:
         """Replaces the teacher by pretrained weights (Hub id or folder of a ViTMAE / ViT / DINOv2 checkpoint,
-        including `*ForPreTraining` / `*ForImageClassification` folders), frozen."""
+        including `*ForPreTraining` / `*ForImageClassification` folders), frozen. `fresh`: the score head was never
+        trained, so re-sizing it for the teacher's head count is routine, not worth a warning."""
         from transformers import AutoConfig
 
         if isinstance(name_or_path, (str, os.PathLike)) and _looks_like_a_path(str(name_or_path)):
@@ -627,12 +628,14 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         heads = teacher.config.num_attention_heads
         if heads != self.score_head[0].in_channels:
             # The score head reads one channel per teacher head: a fresh one is sized for this teacher.
-            logger.warning(
+            (logger.info if fresh else logger.warning)(
                 f"Teacher {name_or_path!r} has {heads} attention heads, the score head read "
                 f"{self.score_head[0].in_channels}: the score head is re-initialised for {heads} heads"
             )
             device = self.score_head[0].weight.device
             self.score_head = AutoMAEScoreHead(heads, self.config.score_hidden_channels).to(device)
+            if self.config.score_head_init == "attention":
+                self.score_head.follow_attention_()
         teacher_config = _teacher_config_dict(teacher.config)
         self.teacher = teacher.to(self.score_head[0].weight.device)
         self.config.teacher_config = teacher_config
@@ -773,7 +776,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if self.vit.embeddings.cls_token.device.type == "meta":
             return
         try:
-            self.load_teacher(name)
+            self.load_teacher(name, fresh=True)
         except Exception as error:  # noqa: BLE001  (offline, typo, gated: the model stays usable, the user is told)
             logger.warning(
                 f"config.teacher_name_or_path={name!r} could not be loaded ({' '.join(str(error).split())}): the "
@@ -822,13 +825,14 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         finally:
             self.vit.train(was_training)
 
-    def load_teacher(self, name_or_path: str, **kwargs) -> None:
+    def load_teacher(self, name_or_path: str, fresh: bool = False, **kwargs) -> None:
         """Loads the frozen teacher's weights (Hub id or folder, e.g. `facebook/vit-mae-base`); the score head is
-        re-sized when the teacher's head count differs. `kwargs` go to `from_pretrained` (cache_dir, token, ...)."""
+        re-sized when the teacher's head count differs (`fresh`: quietly, for a model that never trained).
+        `kwargs` go to `from_pretrained` (cache_dir, token, ...)."""
         if self.mask_generator is None:
             users = [name for name, strategy in MASKING_STRATEGIES.items() if strategy.uses_teacher]
             raise ValueError(f"masking={self.config.masking!r} uses no teacher; load_teacher needs one of {users}")
-        self.mask_generator.load_teacher(name_or_path, **kwargs)
+        self.mask_generator.load_teacher(name_or_path, fresh=fresh, **kwargs)
         self.config.teacher_config = self.mask_generator.config.teacher_config
         self.config.teacher_name_or_path = str(name_or_path)
         self.refreeze()

@@ -101,3 +101,24 @@ def test_pretraining_logs_the_signal_every_logging_step(tmp_path):
                 "d_real_accuracy", "d_fake_accuracy"):
         assert key in last, key
     assert last["gumbel_spread"] == pytest.approx(1.2825, abs=1e-3)
+
+
+def test_a_teacher_with_other_heads_gets_a_head_that_follows_it_with_the_preset(tmp_path, caplog):
+    from transformers import ViTModel
+
+    from automae_hf import AUTOMAE_PRESETS
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**{k: v for k, v in VIT_TEACHER.items() if k != "model_type"}), add_pooling_layer=False
+             ).save_pretrained(tmp_path / "teacher")
+    model = AutoMAEForPreTraining(make_tiny_config(**AUTOMAE_PRESETS["follow_teacher"], teacher_image_size="match_grid",
+                                                   teacher_name_or_path=str(tmp_path / "teacher")))
+    head = model.mask_generator.score_head
+    assert head[0].in_channels == 4 and "re-initialised" not in caplog.text  # a fresh model: resized quietly
+    assert torch.allclose(head[0].weight[0, :, 1, 1], torch.full((4,), 0.25))  # hidden channel 0 = mean of heads
+    x = images()
+    attention = model.teacher_attention(x)
+    scores = model.mask_generator.scores(attention)[0]
+    flat = attention[0].flatten(1)
+    mean_map = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).mean(0)
+    assert torch.corrcoef(torch.stack([scores, mean_map]))[0, 1] > 0.5  # the first scores rank patches as the teacher
