@@ -115,3 +115,12 @@ def load_weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+
+
+def pretrain_in_process(args, capsys) -> str:
+    """`training/pretrain.py ARGS` in this process (no interpreter start-up); returns what it printed."""
+    from automae_hf.training import pretraining
+
+    pretraining.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return captured.out + captured.err

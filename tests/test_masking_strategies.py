@@ -13,7 +13,7 @@ from transformers.utils import logging
 from automae_hf import AutoMAEConfig, AutoMAEForPreTraining
 from automae_hf.configuration_automae import num_visible_patches
 from automae_hf.masking import attention_masking, boxes_to_patch_mask
-from conftest import common, run
+from conftest import common, pretrain_in_process
 
 logging.set_verbosity_error()
 
@@ -255,11 +255,11 @@ def box_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("masking", ["box_prior", "attention"])
-def test_pretrain_runs_each_strategy(masking, box_data, tmp_path):
+def test_pretrain_runs_each_strategy(masking, box_data, tmp_path, capsys):
     args = common(box_data, tmp_path, 2, "--masking", masking, "--image_log_steps", 2, "--per_device_train_batch_size", 4)
     if masking == "attention":
         args += ["--attention_hint_ratio", 0.1]
-    result = run(args, timeout=150)
+    printed = pretrain_in_process(args, capsys)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["masking"] == masking
     log = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
@@ -273,7 +273,7 @@ def test_pretrain_runs_each_strategy(masking, box_data, tmp_path):
     else:  # no --teacher_name_or_path: the student's own attention, so no teacher is built or saved
         assert config["attention_hint_ratio"] == 0.1 and config["teacher_name_or_path"] == "self"
         assert summary["teacher"] == "self" and not any(k.startswith("mask_generator.teacher.") for k in _keys(tmp_path))
-    assert "Done: 2 steps" in result.stdout + result.stderr
+    assert "Done: 2 steps" in printed
 
 
 def _keys(folder):
@@ -283,11 +283,12 @@ def _keys(folder):
         return list(handle.keys())
 
 
-def test_pretrain_teacher_none_conflicts_with_attention(box_data, tmp_path):
-    result = run(common(box_data, tmp_path, 1, "--masking", "attention", "--teacher_name_or_path", "none"),
-                 check=False, timeout=120)
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert result.returncode != 0 and len(errors) == 1 and "--masking attention" in errors[0], result.stderr[-2000:]
+def test_pretrain_teacher_none_conflicts_with_attention(box_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        pretrain_in_process(common(box_data, tmp_path, 1, "--masking", "attention", "--teacher_name_or_path", "none"),
+                            capsys)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert raised.value.code != 0 and len(errors) == 1 and "--masking attention" in errors[0], errors
 
 
 def test_a_new_strategy_is_one_registration():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from automae_hf import AUTOMAE_PRESETS
-from conftest import TINY, common, load_weights, run, synthetic_images
+from conftest import TINY, common, load_weights, pretrain_in_process, run, synthetic_images
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -61,20 +61,21 @@ def test_run_writes_loadable_model(full_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
 
 
-def test_teacher_none_is_plain_mae(data_dir, tmp_path):
-    result = run(common(data_dir / "clean", tmp_path, 2, "--teacher_name_or_path", "none", "--image_log_steps", 2))
+def test_teacher_none_is_plain_mae(data_dir, tmp_path, capsys):
+    printed = pretrain_in_process(common(data_dir / "clean", tmp_path, 2, "--teacher_name_or_path", "none",
+                                         "--image_log_steps", 2), capsys)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["masking"] == "random"
     last = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
     assert "d_loss" not in last and last["loss"] == pytest.approx(last["reconstruction_loss"])
-    assert "Done: 2 steps" in result.stdout + result.stderr
+    assert "Done: 2 steps" in printed
 
 
-def test_corrupt_image_is_skipped_and_counted(data_dir, tmp_path):
-    result = run(common(data_dir / "corrupt", tmp_path, 2, "--per_device_train_batch_size", 6))
+def test_corrupt_image_is_skipped_and_counted(data_dir, tmp_path, capsys):
+    printed = pretrain_in_process(common(data_dir / "corrupt", tmp_path, 2, "--per_device_train_batch_size", 6), capsys)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["skipped_images"] == 1
-    assert "skipped 1 undecodable image" in result.stdout + result.stderr
+    assert "skipped 1 undecodable image" in printed
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,7 @@ def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
     assert not partial.exists()
 
 
+@pytest.mark.slow  # two processes over gloo: run with --runslow
 def test_two_process_cpu_ddp_ranks_agree(data_dir, tmp_path):
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate CLI not on PATH")
@@ -253,6 +255,7 @@ def test_preset_sets_the_knobs_and_explicit_settings_win(name):
         pretrain.build_model(parser.parse_args(["--output_dir", "unused", "--preset", "nonexistent"]), parser)
 
 
+@pytest.mark.slow  # two full runs: run with --runslow
 def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, tmp_path):
     """--optim as TrainingArguments.optim: fused AdamW (student) and Adam (D) by default, the per-tensor kernels on
     request; both compute the same update."""
@@ -272,6 +275,7 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
     assert worst <= 1e-4, worst
 
 
+@pytest.mark.slow  # a torch.compile: run with --runslow
 def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_dir, tmp_path):
     """The HF examples' flags, in process: the same weights with recomputed blocks and a compiled step, and only the
     newest N checkpoints kept."""

@@ -16,6 +16,7 @@ TRAINING_RATIOS = ("ratio AutoMAE / MAE", "floor 1 + t_teacher / t_MAE", "overhe
                    "ratio AutoMAE cached / MAE", "ratio teacher / ViTModel inference")
 
 
+@pytest.mark.slow  # the benchmark script end to end: run with --runslow
 @pytest.mark.parametrize("inference_only", [False, True])
 def test_speed_script_writes_its_figures(tmp_path, inference_only):
     output = tmp_path / "speed.json"
@@ -33,7 +34,12 @@ def test_speed_script_writes_its_figures(tmp_path, inference_only):
     assert "ratio inference AutoMAEModel / ViTModel" in result.stdout
 
 
-def test_memory_with_inference_only_is_refused():
-    command = [sys.executable, str(SCRIPT), "--inference_only", "--memory"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--memory measures the training arms" in result.stderr
+def test_memory_with_inference_only_is_refused(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", SCRIPT)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    with pytest.raises(SystemExit) as raised:
+        speed.main(["--inference_only", "--memory"])
+    assert raised.value.code == 2 and "--memory measures the training arms" in capsys.readouterr().err
