@@ -313,7 +313,8 @@ def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attent
 class MapImageDataset(torch.utils.data.Dataset):
     """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
     sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
-    run sees exactly the same pixels as an uninterrupted one."""
+    run sees exactly the same pixels as an uninterrupted one. The epoch lives in shared memory: `set_epoch` in the main
+    process reaches the copies inside persistent DataLoader workers, which read it per item."""
 
     def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
                  box_column: str | None = None, box_format: str = "xywh", backend: str = "auto"):
@@ -321,13 +322,18 @@ class MapImageDataset(torch.utils.data.Dataset):
         self.box_column, self.box_format = box_column, box_format
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
-        self.epoch = 0
+        # A shared tensor, not a multiprocessing.Value: it survives fork, spawn and also plain pickling / deepcopy.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.data)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(int(epoch))
 
     def __getitem__(self, index: int):
         skipped = 0

@@ -438,10 +438,10 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
                                                 teacher_key=teacher_key)
         dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column, args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
-                         num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-                         persistent_workers=False)  # set_epoch must reach the dataset copy in each worker
+                         num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available())
     if args.dataloader_num_workers > 0:
-        loader_kwargs["prefetch_factor"] = 4
+        # Workers outlive the epoch (MapImageDataset's epoch is in shared memory) and keep 4 batches each in flight.
+        loader_kwargs.update(persistent_workers=True, prefetch_factor=4)
     loader = torch.utils.data.DataLoader(dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
     return dataset, loader, box_column
 
