@@ -1,52 +1,181 @@
 #!/usr/bin/env bash
 # The benchmarks' figures (docs/benchmarks.md) on one H100/H200-class GPU.
 #
-#   bash benchmarks/gpu.sh            # cost: ViT-S/16 and ViT-B/16 at 224 px, bf16, batch 64 and 128 (< 8 minutes)
 #   bash benchmarks/gpu.sh probe      # one minute: versions, the device, two tiny bf16 steps (run this first)
-#   bash benchmarks/gpu.sh quality    # the long quality recipe: full 60k Fashion-MNIST, 3000 steps, 3 seeds
+#   bash benchmarks/gpu.sh            # < 5 minutes: speed.py at ViT-B/16, bf16, batch 128 and 256; then the real loop
+#                                     # (training/pretrain.py: MAE, AutoMAE, AutoMAE with cached teacher maps) on
+#                                     # 2,048 generated 256-px JPEGs against speed.py's model-only rate; then
+#                                     # benchmarks/loader.py (images per CPU core)
+#   bash benchmarks/gpu.sh quality    # < 8 minutes: quality.py, 2000 steps, MAE N / MAE 2N / AutoMAE / AutoMAE (self) /
+#                                     # box prior, 1 seed
 #
-# Figures go to $OUT (default outputs/gpu): one JSON per speed run plus summary.txt; quality writes
-# $OUT/quality/debian_N3000/report.md. Environment: DEVICE (cuda), SIZES, BATCHES, STEPS to scale the speed part
-# (`DEVICE=cpu SIZES=tiny BATCHES=8 STEPS=2 bash benchmarks/gpu.sh` is a quick CPU check of the script itself);
-# SETUP=0 skips `scripts/setup.sh` on a machine whose Python already has torch, transformers (and accelerate, datasets).
-# Every speed run is capped at RUN_TIMEOUT seconds (default 150), so one stuck run cannot eat a short GPU lease.
+# At most 8 plain files go straight into $OUT (default outputs/gpu), no folders: summary.txt, speed_SIZE_bsBATCH.json,
+# loop.json, loop.log, loader.json; quality: quality.txt, quality_report.md, quality_report.json (or
+# quality_partial.json when it ran out of time). Scratch data (JPEGs, teacher, run folders) lives in a temporary
+# folder that is removed at the end; quality's run folders in $QUALITY_DIR (default outputs/quality_gpu), so a second
+# call resumes. Nothing is downloaded: the teacher of the loop is a randomly initialised ViTMAE saved on the spot.
+#
+# Environment: DEVICE (cuda; cpu for a check of the script), SETUP=0 (skip scripts/setup.sh: nothing is installed),
+#   speed:   SIZES (vit-b16), BATCHES (128 256), STEPS (20), MEMORY=1 (also peak memory, 3 processes per run),
+#            RUN_TIMEOUT (150 s per run)
+#   loop:    LOOP=0 skips it; LOOP_ARMS (mae live cached), LOOP_IMAGES (2048), LOOP_SOURCE_SIZE (256),
+#            LOOP_IMAGE_SIZE (224), LOOP_BATCH (128), LOOP_STEPS (48), LOOP_LOGGING_STEPS (8), LOOP_WORKERS (12),
+#            LOOP_CONFIG (config overrides; empty: ViT-B/16 with the 512 x 8 decoder), LOOP_SPEED_SIZE (the speed.py
+#            size whose JSON holds the model-only rate: vit-b16), LOOP_TIMEOUT (150 s per arm)
+#   loader:  LOADER=0 skips it; LOADER_ARGS (--images 512 --workers 1 4)
+#   quality: QUALITY_STEPS (2000), QUALITY_SEEDS (1), QUALITY_ARMS, WORKERS (6), QUALITY_DATA (debian where Debian's
+#            dataset-fashion-mnist is installed, else subset), QUALITY_TIMEOUT (450 s), QUALITY_ARGS (more flags)
+# A CPU check of the whole script: DEVICE=cpu SETUP=0 SIZES=tiny BATCHES=8 STEPS=2 LOOP_CONFIG=... (tests/test_gpu_script.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
 DEVICE="${DEVICE:-cuda}"
+mode="${1:-speed}"
 mkdir -p "$OUT"
 [[ "${SETUP:-1}" == "0" ]] || bash scripts/setup.sh training >/dev/null
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-
-if [[ "${1:-speed}" == "quality" ]]; then
-    # needs Debian's data set: apt-get install dataset-fashion-mnist
-    python benchmarks/quality.py --data debian --steps "${QUALITY_STEPS:-3000}" --workers "${WORKERS:-3}" \
-        --output_dir "$OUT/quality" | tee "$OUT/quality.txt"
-    exit 0
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [[ "$DEVICE" == "cpu" ]]; then
+    export CUDA_VISIBLE_DEVICES=""  # the loop's pretrain.py picks the GPU whenever it sees one
 fi
-
 precision=(--bf16)
 [[ "$DEVICE" == "cpu" ]] && precision=()
-export PYTHONUNBUFFERED=1
 versions() {
     timeout 60 python -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() \
-if torch.cuda.is_available() else 'no CUDA device')"
+if torch.cuda.is_available() else 'no CUDA device', '|', __import__('os').cpu_count(), 'CPU cores')"
 }
-if [[ "${1:-speed}" == "probe" ]]; then
+
+if [[ "$mode" == "probe" ]]; then
     versions
     timeout 120 python benchmarks/speed.py --size tiny --batch_size 8 --steps 2 --warmup 1 --device "$DEVICE" \
         "${precision[@]}"
     exit
 fi
+
+if [[ "$mode" == "quality" ]]; then
+    data="${QUALITY_DATA:-}"
+    if [[ -z "$data" ]]; then
+        data=subset
+        [[ -d /usr/share/datasets/fashion-mnist ]] && data=debian
+    fi
+    steps="${QUALITY_STEPS:-2000}"
+    runs="${QUALITY_DIR:-outputs/quality_gpu}"
+    folder="$runs/${data}_N${steps}"
+    log="$OUT/quality.txt"
+    rm -f "$folder/report.md" "$folder/report.json" "$folder/partial.json"  # never hand back an older call's report
+    { date -u; versions; } | tee "$log"
+    status=0
+    # quality.py reuses finished runs: a call cut short by QUALITY_TIMEOUT continues where it stopped next time.
+    # shellcheck disable=SC2086
+    timeout "${QUALITY_TIMEOUT:-450}" python benchmarks/quality.py --data "$data" --steps "$steps" \
+        --seeds "${QUALITY_SEEDS:-1}" --workers "${WORKERS:-6}" --output_dir "$runs" \
+        --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS:-} 2>&1 \
+        | tee -a "$log" || status=$?
+    [[ "$status" == "0" ]] || echo "quality.py stopped (exit $status; 124: over QUALITY_TIMEOUT)" | tee -a "$log"
+    for name in report.md report.json partial.json; do
+        if [[ -f "$folder/$name" ]]; then cp "$folder/$name" "$OUT/quality_$name"; fi
+    done
+    echo "pretraining seconds of the finished runs:" >>"$log"
+    grep -H . "$folder"/seed*/*/seconds.json >>"$log" 2>/dev/null || true
+    exit "$status"
+fi
+
 summary="$OUT/summary.txt"
 { date -u; versions; } | tee "$summary"
-for size in ${SIZES:-vit-s16 vit-b16}; do
-    for batch in ${BATCHES:-64 128}; do
+memory=()
+[[ "${MEMORY:-0}" == "1" ]] && memory=(--memory)
+for size in ${SIZES:-vit-b16}; do
+    for batch in ${BATCHES:-128 256}; do
         timeout "${RUN_TIMEOUT:-150}" python benchmarks/speed.py --size "$size" --batch_size "$batch" \
-            --device "$DEVICE" "${precision[@]}" --steps "${STEPS:-20}" --memory \
+            --device "$DEVICE" "${precision[@]}" --steps "${STEPS:-20}" "${memory[@]}" \
             --output_json "$OUT/speed_${size}_bs${batch}.json" 2>&1 | tee -a "$summary" \
             || echo "speed.py --size $size --batch_size $batch failed or ran over ${RUN_TIMEOUT:-150} s" | tee -a "$summary"
     done
 done
-echo "figures: $summary and $OUT/speed_*.json"
+
+if [[ "${LOOP:-1}" == "1" ]]; then
+    scratch="$(mktemp -d "${TMPDIR:-/tmp}/automae-gpu.XXXXXX")"
+    trap 'rm -rf "$scratch"' EXIT
+    image_size="${LOOP_IMAGE_SIZE:-224}"
+    batch="${LOOP_BATCH:-128}"
+    config="${LOOP_CONFIG:-}"
+    arms="${LOOP_ARMS:-mae live cached}"
+    echo "== the real loop: training/pretrain.py, ${LOOP_STEPS:-48} steps of $batch, ${LOOP_WORKERS:-12} loader workers" \
+        | tee -a "$summary"
+    timeout 300 python benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
+        --source_size "${LOOP_SOURCE_SIZE:-256}" | tee -a "$summary"
+    if [[ " $arms " == *" live "* || " $arms " == *" cached "* ]]; then
+        # A randomly initialised ViTMAE encoder as the teacher: its cost, not its maps, is what the loop measures.
+        timeout 120 python - "$image_size" "$config" "$scratch/teacher" <<'PY'
+import sys
+
+from transformers import ViTMAEConfig, ViTMAEModel
+
+size, overrides, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+values = dict(item.split("=", 1) for item in overrides.split(",") if item)
+keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "num_channels")
+ViTMAEModel(ViTMAEConfig(image_size=size, **{k: int(values[k]) for k in keys if k in values})).save_pretrained(target)
+PY
+    fi
+    common=(--train_dir "$scratch/jpeg" --cache_dir "$scratch/cache" --image_size "$image_size"
+            --per_device_train_batch_size "$batch" --max_train_steps "${LOOP_STEPS:-48}" --warmup_steps 1
+            --dataloader_num_workers "${LOOP_WORKERS:-12}" --logging_steps "${LOOP_LOGGING_STEPS:-8}"
+            --image_log_steps 0 --norm_pix_loss --seed 0)
+    [[ -n "$config" ]] && common+=(--config_overrides "$config")
+    [[ "$DEVICE" == "cpu" ]] || common+=(--mixed_precision bf16)
+    : >"$OUT/loop.log"
+    for arm in $arms; do
+        case "$arm" in
+            mae) extra=(--teacher_name_or_path none) ;;
+            live) extra=(--teacher_name_or_path "$scratch/teacher") ;;
+            cached) extra=(--teacher_name_or_path "$scratch/teacher" --cache_teacher_attention) ;;
+            *) echo "LOOP_ARMS: unknown arm $arm (mae, live, cached)" | tee -a "$summary"; continue ;;
+        esac
+        start=$SECONDS
+        timeout "${LOOP_TIMEOUT:-150}" python training/pretrain.py "${common[@]}" "${extra[@]}" \
+            --output_dir "$scratch/run_$arm" >"$scratch/run_$arm.log" 2>&1 \
+            || echo "pretrain.py ($arm) failed or ran over ${LOOP_TIMEOUT:-150} s" | tee -a "$summary"
+        echo "$((SECONDS - start))" >"$scratch/run_$arm.seconds"
+        { echo "== $arm ($((SECONDS - start)) s)"; tail -n 30 "$scratch/run_$arm.log"; } >>"$OUT/loop.log"
+        rm -rf "$scratch/run_$arm/checkpoints"  # the optimizer states of a ViT-B/16 are GBs
+    done
+    python - "$scratch" "$OUT/speed_${LOOP_SPEED_SIZE:-vit-b16}_bs${batch}.json" "$OUT/loop.json" "$batch" $arms \
+        <<'PY' | tee -a "$summary"
+import json
+import statistics
+import sys
+from pathlib import Path
+
+scratch, reference, target, batch, arms = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+speed = json.loads(reference.read_text()) if reference.exists() else {}
+model_ms = speed.get("ms", {}) if speed.get("batch_size") == batch else {}
+names = {"mae": "MAE", "live": "AutoMAE", "cached": "AutoMAE cached"}  # speed.py's arm names
+rows = {}
+for arm in arms:
+    log = scratch / f"run_{arm}" / "train_log.jsonl"
+    windows = [json.loads(line)["images_per_second"] for line in log.read_text().splitlines()] if log.exists() else []
+    steady = windows[1:] or windows  # the first window also holds the workers' start and the first batches
+    ms = model_ms.get(names[arm])
+    seconds_file = scratch / f"run_{arm}.seconds"
+    row = {"windows_images_per_s": windows, "loop_images_per_s": statistics.median(steady) if steady else None,
+           "model_images_per_s": batch * 1000 / ms if ms else None, "model_source": str(reference.name),
+           "run_seconds": int(seconds_file.read_text()) if seconds_file.exists() else None}
+    row["loop_over_model"] = (row["loop_images_per_s"] / row["model_images_per_s"]
+                              if row["loop_images_per_s"] and row["model_images_per_s"] else None)
+    rows[names[arm]] = row
+    loop = f"{row['loop_images_per_s']:7.0f}" if row["loop_images_per_s"] else "      -"
+    model = f"{row['model_images_per_s']:7.0f}" if row["model_images_per_s"] else "      -"
+    ratio = f"{row['loop_over_model']:.2f}" if row["loop_over_model"] else "-"
+    print(f"  loop {names[arm]:15s} {loop} images/s (median of windows 2..{len(windows)}), model alone {model} "
+          f"images/s ({reference.name}), loop / model {ratio}, run {row['run_seconds']} s")
+Path(target).write_text(json.dumps({"batch_size": batch, "arms": rows}, indent=1) + "\n")
+PY
+fi
+
+if [[ "${LOADER:-1}" == "1" ]]; then
+    echo "== the input pipeline alone: benchmarks/loader.py" | tee -a "$summary"
+    # shellcheck disable=SC2086
+    timeout 180 python benchmarks/loader.py ${LOADER_ARGS:---images 512 --workers 1 4} \
+        --output_json "$OUT/loader.json" 2>&1 | tee -a "$summary" || echo "loader.py failed or ran over 180 s" | tee -a "$summary"
+fi
+echo "figures: $OUT ($(ls "$OUT" | tr '\n' ' '))"
