@@ -2,7 +2,7 @@
 # The benchmarks' figures (docs/benchmarks.md) on one H100/H200-class GPU.
 #
 #   bash benchmarks/gpu.sh probe      # one minute: versions, the device, two tiny bf16 steps (run this first)
-#   bash benchmarks/gpu.sh            # < 5 minutes: speed.py at ViT-B/16, bf16, batch 128 and 256; then the real loop
+#   bash benchmarks/gpu.sh            # <= 5 minutes: speed.py at ViT-B/16, bf16, batch 128 and 256; then the real loop
 #                                     # (training/pretrain.py: MAE, AutoMAE, AutoMAE with cached teacher maps) on
 #                                     # 2,048 generated 256-px JPEGs against speed.py's model-only rate; then
 #                                     # benchmarks/loader.py (images per CPU core)
@@ -16,6 +16,7 @@
 # call resumes. Nothing is downloaded: the teacher of the loop is a randomly initialised ViTMAE saved on the spot.
 #
 # Environment: DEVICE (cuda; cpu for a check of the script), SETUP=0 (skip scripts/setup.sh: nothing is installed),
+#   BUDGET (290 s after set-up, default mode: every step's timeout is cut to what is left, later steps skipped),
 #   speed:   SIZES (vit-b16), BATCHES (128 256), STEPS (20), MEMORY=1 (also peak memory, 3 processes per run),
 #            RUN_TIMEOUT (150 s per run)
 #   loop:    LOOP=0 skips it; LOOP_ARMS (mae live cached), LOOP_IMAGES (2048), LOOP_SOURCE_SIZE (256),
@@ -33,12 +34,18 @@ DEVICE="${DEVICE:-cuda}"
 mode="${1:-speed}"
 mkdir -p "$OUT"
 [[ "${SETUP:-1}" == "0" ]] || bash scripts/setup.sh training >/dev/null
+SECONDS=0  # BUDGET counts from here
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [[ "$DEVICE" == "cpu" ]]; then
     export CUDA_VISIBLE_DEVICES=""  # the loop's pretrain.py picks the GPU whenever it sees one
 fi
 precision=(--bf16)
 [[ "$DEVICE" == "cpu" ]] && precision=()
+allowed() {  # a step's timeout: its own cap or what is left of BUDGET, whichever is less; fails under 10 s left
+    local left=$((${BUDGET:-290} - SECONDS))
+    ((left >= 10)) || return 1
+    echo $((left < $1 ? left : $1))
+}
 versions() {
     timeout 60 python -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() \
@@ -72,7 +79,10 @@ if [[ "$mode" == "quality" ]]; then
         --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS:-} 2>&1 \
         | tee -a "$log" || status=$?
     [[ "$status" == "0" ]] || echo "quality.py stopped (exit $status; 124: over QUALITY_TIMEOUT)" | tee -a "$log"
-    for name in report.md report.json partial.json; do
+    # partial.json (the scores so far) only stands in for a report that was not written
+    names=(report.md report.json)
+    [[ -f "$folder/report.md" ]] || names=(partial.json)
+    for name in "${names[@]}"; do
         if [[ -f "$folder/$name" ]]; then cp "$folder/$name" "$OUT/quality_$name"; fi
     done
     echo "pretraining seconds of the finished runs:" >>"$log"
@@ -86,14 +96,18 @@ memory=()
 [[ "${MEMORY:-0}" == "1" ]] && memory=(--memory)
 for size in ${SIZES:-vit-b16}; do
     for batch in ${BATCHES:-128 256}; do
-        timeout "${RUN_TIMEOUT:-150}" python benchmarks/speed.py --size "$size" --batch_size "$batch" \
+        limit=$(allowed "${RUN_TIMEOUT:-150}") || { echo "speed.py --size $size --batch_size $batch: skipped, BUDGET spent" \
+            | tee -a "$summary"; continue; }
+        timeout "$limit" python benchmarks/speed.py --size "$size" --batch_size "$batch" \
             --device "$DEVICE" "${precision[@]}" --steps "${STEPS:-20}" "${memory[@]}" \
             --output_json "$OUT/speed_${size}_bs${batch}.json" 2>&1 | tee -a "$summary" \
-            || echo "speed.py --size $size --batch_size $batch failed or ran over ${RUN_TIMEOUT:-150} s" | tee -a "$summary"
+            || echo "speed.py --size $size --batch_size $batch failed or ran over $limit s" | tee -a "$summary"
     done
 done
 
-if [[ "${LOOP:-1}" == "1" ]]; then
+if [[ "${LOOP:-1}" == "1" ]] && ! allowed 30 >/dev/null; then
+    echo "the real loop: skipped, BUDGET spent" | tee -a "$summary"
+elif [[ "${LOOP:-1}" == "1" ]]; then
     scratch="$(mktemp -d "${TMPDIR:-/tmp}/automae-gpu.XXXXXX")"
     trap 'rm -rf "$scratch"' EXIT
     image_size="${LOOP_IMAGE_SIZE:-224}"
@@ -102,11 +116,11 @@ if [[ "${LOOP:-1}" == "1" ]]; then
     arms="${LOOP_ARMS:-mae live cached}"
     echo "== the real loop: training/pretrain.py, ${LOOP_STEPS:-48} steps of $batch, ${LOOP_WORKERS:-12} loader workers" \
         | tee -a "$summary"
-    timeout 300 python benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
-        --source_size "${LOOP_SOURCE_SIZE:-256}" | tee -a "$summary"
+    timeout "$(allowed 120 || echo 10)" python benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
+        --source_size "${LOOP_SOURCE_SIZE:-256}" 2>&1 | tee -a "$summary" || echo "writing the JPEGs failed" | tee -a "$summary"
     if [[ " $arms " == *" live "* || " $arms " == *" cached "* ]]; then
         # A randomly initialised ViTMAE encoder as the teacher: its cost, not its maps, is what the loop measures.
-        timeout 120 python - "$image_size" "$config" "$scratch/teacher" <<'PY'
+        timeout "$(allowed 60 || echo 10)" python - "$image_size" "$config" "$scratch/teacher" <<'PY' || true
 import sys
 
 from transformers import ViTMAEConfig, ViTMAEModel
@@ -116,6 +130,7 @@ values = dict(item.split("=", 1) for item in overrides.split(",") if item)
 keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "num_channels")
 ViTMAEModel(ViTMAEConfig(image_size=size, **{k: int(values[k]) for k in keys if k in values})).save_pretrained(target)
 PY
+        [[ -f "$scratch/teacher/config.json" ]] || echo "saving the teacher failed" | tee -a "$summary"
     fi
     common=(--train_dir "$scratch/jpeg" --cache_dir "$scratch/cache" --image_size "$image_size"
             --per_device_train_batch_size "$batch" --max_train_steps "${LOOP_STEPS:-48}" --warmup_steps 1
@@ -131,10 +146,12 @@ PY
             cached) extra=(--teacher_name_or_path "$scratch/teacher" --cache_teacher_attention) ;;
             *) echo "LOOP_ARMS: unknown arm $arm (mae, live, cached)" | tee -a "$summary"; continue ;;
         esac
+        limit=$(allowed "${LOOP_TIMEOUT:-150}") || { echo "pretrain.py ($arm): skipped, BUDGET spent" \
+            | tee -a "$summary"; continue; }
         start=$SECONDS
-        timeout "${LOOP_TIMEOUT:-150}" python training/pretrain.py "${common[@]}" "${extra[@]}" \
+        timeout "$limit" python training/pretrain.py "${common[@]}" "${extra[@]}" \
             --output_dir "$scratch/run_$arm" >"$scratch/run_$arm.log" 2>&1 \
-            || echo "pretrain.py ($arm) failed or ran over ${LOOP_TIMEOUT:-150} s" | tee -a "$summary"
+            || echo "pretrain.py ($arm) failed or ran over $limit s" | tee -a "$summary"
         echo "$((SECONDS - start))" >"$scratch/run_$arm.seconds"
         { echo "== $arm ($((SECONDS - start)) s)"; tail -n 30 "$scratch/run_$arm.log"; } >>"$OUT/loop.log"
         rm -rf "$scratch/run_$arm/checkpoints"  # the optimizer states of a ViT-B/16 are GBs
@@ -166,7 +183,8 @@ for arm in arms:
     loop = f"{row['loop_images_per_s']:7.0f}" if row["loop_images_per_s"] else "      -"
     model = f"{row['model_images_per_s']:7.0f}" if row["model_images_per_s"] else "      -"
     ratio = f"{row['loop_over_model']:.2f}" if row["loop_over_model"] else "-"
-    print(f"  loop {names[arm]:15s} {loop} images/s (median of windows 2..{len(windows)}), model alone {model} "
+    held = f"median of logged windows 2..{len(windows)}" if len(windows) > 1 else f"{len(windows)} logged window(s)"
+    print(f"  loop {names[arm]:15s} {loop} images/s ({held}), model alone {model} "
           f"images/s ({reference.name}), loop / model {ratio}, run {row['run_seconds']} s")
 Path(target).write_text(json.dumps({"batch_size": batch, "arms": rows}, indent=1) + "\n")
 PY
@@ -174,8 +192,14 @@ fi
 
 if [[ "${LOADER:-1}" == "1" ]]; then
     echo "== the input pipeline alone: benchmarks/loader.py" | tee -a "$summary"
-    # shellcheck disable=SC2086
-    timeout 180 python benchmarks/loader.py ${LOADER_ARGS:---images 512 --workers 1 4} \
-        --output_json "$OUT/loader.json" 2>&1 | tee -a "$summary" || echo "loader.py failed or ran over 180 s" | tee -a "$summary"
+    if limit=$(allowed 120); then
+        # shellcheck disable=SC2086
+        timeout "$limit" python benchmarks/loader.py ${LOADER_ARGS:---images 512 --workers 1 4} \
+            --output_json "$OUT/loader.json" 2>&1 | tee -a "$summary" \
+            || echo "loader.py failed or ran over $limit s" | tee -a "$summary"
+    else
+        echo "loader.py: skipped, BUDGET spent" | tee -a "$summary"
+    fi
 fi
+echo "default mode: $SECONDS s after set-up" | tee -a "$summary"
 echo "figures: $OUT ($(ls "$OUT" | tr '\n' ' '))"

@@ -136,8 +136,10 @@ def time_epochs(dataset, loader, epochs: int) -> dict:
                 batches += 1
     wall, main_cpu = time.perf_counter() - wall, time.process_time() - main_cpu
     worker_cpu = cpu_seconds(pids) - worker_cpu
+    # The OS counts CPU time in ticks (10 ms): too few of them and there is no per-core rate to give.
+    per_core = images / worker_cpu if worker_cpu >= 0.1 else None
     return {"images": images, "batches": batches, "wall_s": wall, "images_per_s": images / wall,
-            "images_per_worker_cpu_s": images / max(worker_cpu, 1e-9), "worker_cpu_ms_per_batch": 1000 * worker_cpu / batches,
+            "images_per_worker_cpu_s": per_core, "worker_cpu_ms_per_batch": 1000 * worker_cpu / batches,
             "main_cpu_ms_per_batch": 1000 * main_cpu / batches}
 
 
@@ -293,17 +295,19 @@ def report(figures: dict, gpu_rates) -> None:
               f"({row['images_per_s']:.0f}/s wall)")
     print(f"through the DataLoader (batch {figures['batch_size']}, persistent workers, prefetch 4):")
     for name, row in figures["loader"].items():
-        print(f"  {name:28s} {row['images_per_s']:6.0f} images/s wall, {row['images_per_worker_cpu_s']:6.0f} per "
+        rate = row["images_per_worker_cpu_s"]
+        print(f"  {name:28s} {row['images_per_s']:6.0f} images/s wall, {f'{rate:6.0f}' if rate else '     -'} per "
               f"worker-CPU-second; main process {row['main_cpu_ms_per_batch']:6.1f} ms CPU per batch")
     for name, row in figures["synthetic"].items():
         print(f"  synthetic tensors, {name}: {row['ms_per_batch']:.1f} ms per batch wall ("
               f"{row['images_per_s']:.0f} images/s), workers {row['worker_cpu_ms_per_batch']:.1f} ms CPU per batch, "
               f"main process {row['main_cpu_ms_per_batch']:.1f} ms CPU per batch")
-    per_core = min(row["images_per_worker_cpu_s"] for row in figures["loader"].values()) if figures["loader"] else (
-        figures["in_process"]["generated"]["images_per_cpu_s"])
+    measured = [row["images_per_worker_cpu_s"] for row in figures["loader"].values() if row["images_per_worker_cpu_s"]]
+    per_core = min(measured) if measured else figures["in_process"]["generated"]["images_per_cpu_s"]
     figures["per_core_rate"] = per_core
     figures["cores_for"] = {str(rate): rate / per_core for rate in gpu_rates}
-    print(f"loader cores per GPU at {per_core:.0f} images per core-second (the slowest loader arm): " + ", ".join(
+    where = "the slowest loader arm" if measured else "in process: the loader arms ran too briefly to time"
+    print(f"loader cores per GPU at {per_core:.0f} images per core-second ({where}): " + ", ".join(
         f"{rate:.0f} images/s -> {rate / per_core:.1f} cores" for rate in gpu_rates))
     print(f"({figures['seconds']:.0f} s)")
 

@@ -1,0 +1,76 @@
+"""benchmarks/gpu.sh on the CPU with tiny settings: what it writes into $OUT, and nothing more (the GPU lease hands
+back only the plain files there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT, TINY
+
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu.sh"
+MAX_FILES = 8
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def run_script(tmp_path, mode=None, **settings):
+    env = {**os.environ, "DEVICE": "cpu", "SETUP": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "OUT": str(tmp_path / "out"), "QUALITY_DIR": str(tmp_path / "quality_runs"), "PYTHONPATH": str(REPO_ROOT),
+           **{key: str(value) for key, value in settings.items()}}
+    command = ["bash", str(SCRIPT)] + ([mode] if mode else [])
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def plain_files(out):
+    entries = sorted(out.iterdir())
+    assert all(entry.is_file() for entry in entries), entries  # no folders: they would not come back
+    assert len(entries) <= MAX_FILES, entries
+    return {entry.name for entry in entries}
+
+
+def test_default_mode_speed_loop_and_loader(tmp_path):
+    result = run_script(tmp_path, SIZES="tiny", BATCHES=8, STEPS=2, LOOP_CONFIG=TINY, LOOP_IMAGE_SIZE=32,
+                        LOOP_SOURCE_SIZE=40, LOOP_IMAGES=32, LOOP_BATCH=8, LOOP_STEPS=4, LOOP_LOGGING_STEPS=1,
+                        LOOP_WORKERS=1, LOOP_SPEED_SIZE="tiny",
+                        LOADER_ARGS="--images 16 --workers 1 --batch_size 8 --size 32 --source_size 40 --epochs 1 "
+                                    "--sources arrow")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert plain_files(out) == {"summary.txt", "speed_tiny_bs8.json", "loop.json", "loop.log", "loader.json"}
+    loop = json.loads((out / "loop.json").read_text())["arms"]
+    assert set(loop) == {"MAE", "AutoMAE", "AutoMAE cached"}
+    for arm, row in loop.items():
+        assert len(row["windows_images_per_s"]) == 4, arm  # every step logged: all three runs finished
+        assert row["loop_images_per_s"] > 0 and row["model_images_per_s"] > 0 and row["loop_over_model"] > 0, arm
+    summary = (out / "summary.txt").read_text()
+    assert "failed" not in summary and "loop AutoMAE cached" in summary and "cores per GPU" in summary
+    assert json.loads((out / "loader.json").read_text())["per_core_rate"] > 0
+    assert not list(tmp_path.glob("automae-gpu.*"))  # the scratch folder (JPEGs, teacher, runs) is gone
+
+
+def test_quality_mode_out_of_time_hands_back_its_log_only(tmp_path):
+    stale = tmp_path / "quality_runs" / "subset_N2"
+    stale.mkdir(parents=True)
+    (stale / "report.md").write_text("an older call's report")
+    result = run_script(tmp_path, "quality", QUALITY_STEPS=2, QUALITY_DATA="subset", QUALITY_TIMEOUT=2)
+    assert result.returncode == 124, result.stdout[-3000:] + result.stderr[-3000:]
+    assert plain_files(tmp_path / "out") == {"quality.txt"}
+    assert "over QUALITY_TIMEOUT" in (tmp_path / "out" / "quality.txt").read_text()
+    assert not (stale / "report.md").exists()
+
+
+@pytest.mark.slow  # pretraining two arms and probing them on the CPU: minutes
+def test_quality_mode_writes_the_report(tmp_path):
+    result = run_script(tmp_path, "quality", QUALITY_STEPS=20, QUALITY_DATA="subset", QUALITY_ARMS="MAE N,AutoMAE",
+                        WORKERS=1, QUALITY_TIMEOUT=850, QUALITY_ARGS="--quick --no_finetune")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert plain_files(out) == {"quality.txt", "quality_report.md", "quality_report.json"}
+    assert "| AutoMAE |" in (out / "quality_report.md").read_text()
+    assert "seconds.json" in (out / "quality.txt").read_text()
