@@ -34,6 +34,7 @@ def plain_files(out):
     return {entry.name for entry in entries}
 
 
+@pytest.mark.slow  # gpu.sh end to end on the CPU, ~40 s: run with --runslow
 def test_default_mode_speed_loop_and_loader(tmp_path):
     result = run_script(tmp_path, SIZES="tiny", BATCHES=8, STEPS=2, LOOP_CONFIG=TINY, LOOP_IMAGE_SIZE=32,
                         LOOP_SOURCE_SIZE=40, LOOP_IMAGES=32, LOOP_BATCH=8, LOOP_STEPS=4, LOOP_LOGGING_STEPS=1,
