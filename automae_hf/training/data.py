@@ -310,19 +310,13 @@ def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attent
                        new_fingerprint=fingerprint)
 
 
-class MapImageDataset(torch.utils.data.Dataset):
-    """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
-    sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
-    run sees exactly the same pixels as an uninterrupted one. The epoch lives in shared memory: `set_epoch` in the main
-    process reaches the copies inside persistent DataLoader workers, which read it per item."""
+class EpochDataset(torch.utils.data.Dataset):
+    """A map-style data set of `data` whose augmentation depends on the epoch. The epoch lives in a shared tensor (not a
+    multiprocessing.Value: it survives fork, spawn, pickling and deepcopy), so `set_epoch` in the main process reaches
+    the copies inside persistent DataLoader workers, which read it per item."""
 
-    def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
-                 box_column: str | None = None, box_format: str = "xywh", backend: str = "auto"):
-        self.data, self.column, self.size, self.mode, self.seed = hf_dataset, column, size, mode, seed
-        self.box_column, self.box_format = box_column, box_format
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
-        # A shared tensor, not a multiprocessing.Value: it survives fork, spawn and also plain pickling / deepcopy.
+    def __init__(self, data):
+        self.data = data
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self):
@@ -334,6 +328,21 @@ class MapImageDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
+
+
+class MapImageDataset(EpochDataset):
+    """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
+    sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
+    run sees exactly the same pixels as an uninterrupted one. The epoch lives in shared memory: `set_epoch` in the main
+    process reaches the copies inside persistent DataLoader workers, which read it per item."""
+
+    def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
+                 box_column: str | None = None, box_format: str = "xywh", backend: str = "auto"):
+        super().__init__(hf_dataset)
+        self.column, self.size, self.mode, self.seed = column, size, mode, seed
+        self.box_column, self.box_format = box_column, box_format
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
 
     def __getitem__(self, index: int):
         skipped = 0

@@ -43,7 +43,7 @@ from PIL import Image
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-from .data import IMAGE_COLUMN_CANDIDATES, decode_image, one_line, random_resized_crop_box
+from .data import IMAGE_COLUMN_CANDIDATES, EpochDataset, decode_image, one_line, random_resized_crop_box
 from .hub import push_folder
 
 logger = logging.getLogger("automae.finetune")
@@ -311,7 +311,7 @@ def selects_on_reported_split(eval_split: str) -> bool:
     return eval_split.lower() not in VALIDATION_SPLIT_NAMES and not eval_split.endswith("(held out)")
 
 
-class ClassificationImages(torch.utils.data.Dataset):
+class ClassificationImages(EpochDataset):
     """A `datasets` split -> {"pixel_values": `[C, size, size]` float32, "labels": int}, decoded in the DataLoader
     workers. Training: RandomResizedCrop(0.08-1, bicubic) + flip drawn from `default_rng([seed, epoch, index])`, so the
     pixels depend on the seed, the epoch and the image only (not on the worker, the process or the call order);
@@ -319,22 +319,11 @@ class ClassificationImages(torch.utils.data.Dataset):
 
     def __init__(self, data, image_column: str, label_column: str, size: int, mean, std, mode: str, augment: bool,
                  seed: int):
-        self.data, self.image_column, self.label_column = data, image_column, label_column
+        super().__init__(data)
+        self.image_column, self.label_column = image_column, label_column
         self.size, self.mode, self.augment, self.seed = size, mode, augment, seed
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
-        # In shared memory: DataLoader workers (persistent ones too) see the epoch the main process sets.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    def __len__(self):
-        return len(self.data)
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(int(epoch))
 
     def pixels(self, value, index: int) -> np.ndarray:
         image = decode_image(value, self.mode)
