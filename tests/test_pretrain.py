@@ -302,3 +302,26 @@ def test_noise_streams_are_independent_per_rank_and_reproducible():
     assert noise_seed(0, 1, 7) == noise_seed(0, 1, 7) and noise_seed(1, 1, 7) != noise_seed(0, 1, 7)
     # rank r's stream is not rank 0's shifted by a constant (the old linear seeding's flaw)
     assert len({noise_seed(0, 1, step + 1) - noise_seed(0, 0, step) for step in range(10)}) == 10
+
+
+def test_score_head_learning_rate_multiplier_groups():
+    from automae_hf import AutoMAEForPreTraining
+    from automae_hf.training.pretraining import student_param_groups
+    from conftest import make_tiny_config
+
+    model = AutoMAEForPreTraining(make_tiny_config())
+    head = {id(p) for p in model.mask_generator.score_head.parameters()}
+    plain = student_param_groups(model, 0.05)
+    assert len(plain) == 2 and all("lr" not in group for group in plain)
+    split = student_param_groups(model, 0.05, score_head_lr=1e-5)
+    head_groups = [group for group in split if "lr" in group]
+    assert {id(p) for group in head_groups for p in group["params"]} == head
+    assert all(group["lr"] == 1e-5 for group in head_groups)
+    assert sum(len(group["params"]) for group in split) == sum(len(group["params"]) for group in plain)
+    optimizer = torch.optim.AdamW(split, lr=1e-3)
+    import transformers
+
+    scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
+    scheduler.step()
+    ratios = {group["lr"] / base for group, base in zip(optimizer.param_groups, scheduler.base_lrs)}
+    assert len({round(r, 9) for r in ratios}) == 1  # the schedule scales the head's rate like the rest

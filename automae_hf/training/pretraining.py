@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup_epochs", type=float, default=40, help="Linear warm-up length in epochs, then cosine to 0.")
     t.add_argument("--warmup_steps", "--num_warmup_steps", dest="warmup_steps", type=int, default=None,
                    help="Warm-up in optimizer steps (overrides epochs).")
+    t.add_argument("--score_head_lr_multiplier", type=float, default=1.0,
+                   help="The score head's learning rate as a multiple of the student's (1: the reference, one AdamW "
+                        "step for both; 0 freezes the head at its initialisation).")
     t.add_argument("--adam_beta1", type=float, default=0.9)
     t.add_argument("--adam_beta2", type=float, default=0.95)
     t.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
@@ -226,6 +229,8 @@ def _check_arguments(args, parser) -> None:
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.score_head_lr_multiplier >= 0:
+        parser.error(f"--score_head_lr_multiplier must be >= 0, got {args.score_head_lr_multiplier}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -336,18 +341,26 @@ def build_model(args, parser):
     return model, "self" if model.config.teacher_is_self else "teacher"
 
 
-def student_param_groups(model, weight_decay: float):
-    """AdamW groups: weight decay on matrices only (not on biases, norms, tokens, position tables), as MAE."""
+def student_param_groups(model, weight_decay: float, score_head_lr: float | None = None):
+    """AdamW groups: weight decay on matrices only (not on biases, norms, tokens, position tables), as MAE; the score
+    head in its own group at `score_head_lr` when given (0 freezes it), the schedule scaling every group alike."""
     student_ids = {id(p) for p in model.student_parameters()}
-    decay, no_decay = [], []
+    head_ids = set()
+    if score_head_lr is not None and model.mask_generator is not None:
+        head_ids = {id(p) for p in model.mask_generator.score_head.parameters()}
+    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (score head, decay)
     for name, param in model.named_parameters():
         if id(param) not in student_ids:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name or "position" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name
+                     or "position" in name)
+        groups[(id(param) in head_ids, decay)].append(param)
+    out = []
+    for (head, decay), params in groups.items():
+        if params or not head:  # the two student groups always exist (checkpoints count on them)
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            out.append({**group, "lr": score_head_lr} if head else group)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,7 +465,8 @@ def build_optimizers(args, model, effective_batch):
     lr = args.learning_rate if args.learning_rate is not None else args.base_learning_rate * effective_batch / 256
     fused = args.optim == "adamw_torch_fused"
     betas = (args.adam_beta1, args.adam_beta2)
-    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay), lr=lr, betas=betas,
+    score_head_lr = None if args.score_head_lr_multiplier == 1.0 else lr * args.score_head_lr_multiplier
+    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay, score_head_lr), lr=lr, betas=betas,
                                           fused=fused)
     d_optimizer = None
     if model.discriminator is not None:  # D: Adam, no weight decay, the student's betas and schedule, as MAE's
