@@ -54,7 +54,7 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
 # A real pretrained teacher (DINOv2 ViT-S/14, `training/build_dinov2_teacher.py`), read at its own patch grid, its maps
 # computed once per image: the reference settings, and the `follow_teacher` preset. Run with --arms.
-DINOV2_ARMS = {"AutoMAE DINOv2": "reference", "AutoMAE DINOv2 preset": "follow_teacher"}
+DINOV2_ARMS = {"AutoMAE DINOv2": "reference", "AutoMAE DINOv2 follow_teacher": "follow_teacher"}
 # The knob ablation: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
 # as teacher). arm -> (config overrides, teacher).
 ABLATION = {
