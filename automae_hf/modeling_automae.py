@@ -37,6 +37,7 @@ from .masking import (
 from .teacher import (
     TEACHER_FAMILIES,
     build_teacher,
+    looks_like_a_local_path,
     resize_attention,
     teacher_class,
     teacher_cls_attention,
@@ -540,11 +541,6 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------
 # The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> gamma
 # --------------------------------------------------------------------------------------------------------------
-def _looks_like_a_path(name: str) -> bool:
-    """A local folder rather than a Hub id: starts like a path, or has more than one `/`."""
-    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
-
-
 def _teacher_config_dict(config) -> dict:
     """A teacher's config as the plain dict stored in `teacher_config` (encoder fields only for our own models)."""
     values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
@@ -612,7 +608,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         trained, so re-sizing it for the teacher's head count is routine, not worth a warning."""
         from transformers import AutoConfig
 
-        if isinstance(name_or_path, (str, os.PathLike)) and _looks_like_a_path(str(name_or_path)):
+        if isinstance(name_or_path, (str, os.PathLike)) and looks_like_a_local_path(str(name_or_path)):
             if not os.path.isdir(name_or_path):
                 raise ValueError(f"Teacher folder {str(name_or_path)!r} does not exist")
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)

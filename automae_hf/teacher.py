@@ -57,6 +57,13 @@ TEACHER_FAMILIES: dict[str, TeacherFamily] = {
 }
 
 
+def looks_like_a_local_path(name: str) -> bool:
+    """A local folder rather than a Hub id ("org/name"): starts like a path, or has more than one `/`."""
+    import os
+
+    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
+
+
 def teacher_family(model_type: str) -> TeacherFamily:
     if model_type not in TEACHER_FAMILIES:
         raise ValueError(f"Teacher `model_type` must be one of {sorted(TEACHER_FAMILIES)}, got {model_type!r}")

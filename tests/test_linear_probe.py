@@ -1,8 +1,6 @@
 """training/linear_probe.py: kNN and the linear probe from Python and from the command line."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,18 +62,21 @@ def test_extract_features_is_frozen_and_pooled(pooling):
         extract_features(encoder, images, pooling="max")
 
 
-def test_command_line_on_a_saved_dataset(tmp_path, capsys):
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-    from PIL import Image as PILImage
+def save_tiny_encoder(folder):
+    """A random grayscale 16-px encoder with its image processor."""
     from transformers import ViTImageProcessor
 
     torch.manual_seed(0)
     config = AutoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                            image_size=16, patch_size=4, num_channels=1)
-    AutoMAEModel(config).save_pretrained(tmp_path / "encoder")
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(
-        tmp_path / "encoder"
-    )
+    AutoMAEModel(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+
+
+def test_command_line_on_a_saved_dataset(tmp_path, capsys):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+    save_tiny_encoder(tmp_path / "encoder")
     rng = np.random.default_rng(0)
     features = Features({"image": Image(), "label": ClassLabel(names=["dark", "bright"])})
 
@@ -96,15 +97,7 @@ def test_command_line_on_a_saved_dataset(tmp_path, capsys):
 def encoder_and_folders(tmp_path):
     """A tiny grayscale encoder and the same two-class data as image folders (train/ and test/, class sub-folders)."""
     from PIL import Image as PILImage
-    from transformers import ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = AutoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           image_size=16, patch_size=4, num_channels=1)
-    AutoMAEModel(config).save_pretrained(tmp_path / "encoder")
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(
-        tmp_path / "encoder"
-    )
+    save_tiny_encoder(tmp_path / "encoder")
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 6)):
         for i in range(n):

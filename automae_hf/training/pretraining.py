@@ -36,6 +36,7 @@ import torch
 
 
 from ..configuration_automae import MASKING_STRATEGIES as MASKING_CHOICES
+from ..teacher import looks_like_a_local_path
 from .checkpointing import TrainState, latest_checkpoint, save_checkpoint
 from .data import (
     DATA_BOX_FORMATS,
@@ -218,10 +219,6 @@ def preset_names() -> list[str]:
 STARTING_POINT_TYPES = ("automae", "vit_mae", "vit")  # checkpoints whose weights map onto the student
 
 
-def _looks_like_a_path(name: str) -> bool:
-    return name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1
-
-
 def _check_arguments(args, parser) -> None:
     """Everything that can be refused before any work starts, each with one line naming the flag."""
     if args.streaming and args.cache_teacher_attention:
@@ -254,7 +251,7 @@ def _check_arguments(args, parser) -> None:
     check_hub_arguments(args, parser)
     for flag in ("model_name_or_path", "config_name", "teacher_name_or_path"):
         value = getattr(args, flag)
-        if value and value.lower() not in ("none", "self") and _looks_like_a_path(value) and not os.path.isdir(value):
+        if value and value.lower() not in ("none", "self") and looks_like_a_local_path(value) and not os.path.isdir(value):
             parser.error(f"--{flag} {value!r}: no such folder")
 
 
