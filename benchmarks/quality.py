@@ -54,7 +54,10 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)")
 # A real pretrained teacher (DINOv2 ViT-S/14, `training/build_dinov2_teacher.py`), read at its own patch grid, its maps
 # computed once per image: the reference settings, and the `follow_teacher` preset. Run with --arms.
-DINOV2_ARMS = {"AutoMAE DINOv2": "reference", "AutoMAE DINOv2 follow_teacher": "follow_teacher"}
+DINOV2_ARMS = {"AutoMAE DINOv2": ("reference", ""), "AutoMAE DINOv2 follow_teacher": ("follow_teacher", ""),
+               # the preset with the learned top-K's noise raised less, so more of the mask stays random
+               "AutoMAE DINOv2 follow_teacher beta 0.25": ("follow_teacher", ",mask_factor=0.25"),
+               "AutoMAE DINOv2 follow_teacher beta 0.1": ("follow_teacher", ",mask_factor=0.1")}
 # The knob ablation: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
 # as teacher). arm -> (config overrides, teacher).
 ABLATION = {
@@ -168,7 +171,8 @@ def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
         "AutoMAE": (["--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE (self)": (["--teacher_name_or_path", "self"], "", 1),
         **{name: (["--teacher_name_or_path", str(dinov2_folder()), "--cache_teacher_attention", "--preset", preset],
-                  ",teacher_image_size=match_grid", 1) for name, preset in DINOV2_ARMS.items() if name == arm},
+                  ",teacher_image_size=match_grid" + overrides, 1)
+          for name, (preset, overrides) in DINOV2_ARMS.items() if name == arm},
     }[arm]
 
 

@@ -292,8 +292,10 @@ def render_grid(columns: list[Column], legend: list[list] | None = None, scale: 
     return canvas
 
 
-def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_images: int = 8, boxes=None) -> Image.Image:
-    """Writes the grid of the first `max_images` images of a training batch to `path` and returns it.
+def save_image_grid(path: Path | None, model, pixel_values, output, mean, std, max_images: int = 8,
+                    boxes=None) -> Image.Image:
+    """Writes the grid of the first `max_images` images of a training batch to `path` (None: computes it only, as the
+    non-writing ranks of a sharded model must) and returns it.
 
     Args:
         pixel_values: `[B, C, H, W]` the batch, normalised with `mean`/`std`.
@@ -307,6 +309,7 @@ def save_image_grid(path: Path, model, pixel_values, output, mean, std, max_imag
     columns = picture_columns(pictures, getattr(model.config, "masking", "learned"),
                               None if boxes is None else list(boxes)[:count])
     grid = render_grid(columns)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
     return grid

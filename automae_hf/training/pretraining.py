@@ -22,6 +22,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -479,6 +480,66 @@ def build_optimizers(args, model, effective_batch):
     return lr, student_optimizer, d_optimizer
 
 
+@contextlib.contextmanager
+def outside_the_student(model):
+    """D and the frozen teacher leave the module tree while accelerate wraps the student, so DDP / FSDP / ZeRO never
+    own, shard or sync them: the teacher stays whole on every rank, D averages its own gradients (`average_gradients`).
+    Yields the detached modules; they are back in place afterwards."""
+    owners = [(model, "discriminator")]
+    if model.mask_generator is not None:
+        owners.append((model.mask_generator, "teacher"))
+    detached = [(owner, name, owner._modules[name]) for owner, name in owners if owner._modules.get(name) is not None]
+    for owner, name, _ in detached:
+        owner._modules[name] = None
+    try:
+        yield [module for *_, module in detached]
+    finally:
+        for owner, name, module in detached:
+            owner._modules[name] = module
+
+
+def prepare_student(accelerator, model, student_optimizer, train_dataloader):
+    """accelerate.prepare for the student (encoder, decoder, score head) alone: one DDP / FSDP unit, wrapped once.
+    D's optimizer is never prepared: D needs no loss scaling, so under fp16 the one GradScaler is the student's and
+    updates once per iteration."""
+    with outside_the_student(model) as outside:
+        model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
+    for module in outside:  # replicated, full precision as built (D computes in float32)
+        module.to(accelerator.device)
+    return model, student_optimizer, train_dataloader
+
+
+@contextlib.contextmanager
+def student_parameters_gathered(model, every_unit: bool = True):
+    """FSDP2 gathers a unit's parameters only in that unit's own forward: calls into the student's parts from outside
+    it gather them here and free them after: the root unit (score head, tokens) for D's step, every unit for the
+    student's attention as teacher "self" and for the picture grids. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in (model.modules() if every_unit else [model]) if isinstance(module, FSDPModule)]
+    if isinstance(model, FSDPModule):  # what the root's first forward does; before it, a unit alone would claim root
+        model._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def average_gradients(parameters, accelerator) -> None:
+    """Mean of D's gradients over the processes in one all-reduce (D is outside the student's DDP / FSDP)."""
+    if accelerator.num_processes == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = accelerator.reduce(_flatten_dense_tensors(grads), reduction="mean")
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
 def make_schedule(args, optimizer, warmup_steps: int, max_train_steps: int):
     """Not prepared by accelerate: stepped by hand once per optimizer step (a prepared scheduler steps
     num_processes times)."""
@@ -506,15 +567,30 @@ def run_summary(args, config, teacher_mode, completed, total_skipped, effective_
             "box_column_name": box_column, "box_format": args.box_format if box_column else None}
 
 
-def push_run(args, model, processor, output_dir: Path) -> None:
+@contextlib.contextmanager
+def plain_class(model):
+    """FSDP2 gives the model a generated subclass; `save_pretrained` would copy torch's FSDP sources next to the
+    model's code. Saves under the model's own class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    original = type(model)
+    model.__class__ = next(cls for cls in original.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = original
+
+
+def push_run(args, model, processor, output_dir: Path, state_dict: dict | None = None) -> None:
     """Uploads the run as a Hub checkpoint from `output_dir/hub`: the student, score head and D, the teacher only
-    with --push_teacher (else the config names it by Hub id and `from_pretrained` fetches it), no local paths."""
+    with --push_teacher (else the config names it by Hub id and `from_pretrained` fetches it), no local paths.
+    `state_dict`: the gathered weights of a sharded model."""
     from .model_card import write_card
 
     push_dir = output_dir / "hub"
     shutil.rmtree(push_dir, ignore_errors=True)
     teacher = model.config.teacher_name_or_path
-    state = model.state_dict()
+    state = dict(state_dict) if state_dict is not None else model.state_dict()
     if not args.push_teacher:
         state = {k: v for k, v in state.items() if not k.startswith("mask_generator.teacher.")}
         if teacher and not model.config.teacher_is_self and not hub_id(teacher):
@@ -523,7 +599,8 @@ def push_run(args, model, processor, output_dir: Path) -> None:
     saved_name = model.config.teacher_name_or_path
     model.config.teacher_name_or_path = saved_name if model.config.teacher_is_self else hub_id(saved_name)
     try:
-        model.save_pretrained(str(push_dir), state_dict=state)
+        with plain_class(model):
+            model.save_pretrained(str(push_dir), state_dict=state)
     finally:
         model.config.teacher_name_or_path = saved_name
     processor.save_pretrained(str(push_dir))
@@ -550,7 +627,7 @@ def main(argv=None):
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
     _check_arguments(args, parser)
     import transformers
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from automae_hf.configuration_automae import num_visible_patches
     from automae_hf.masking import mask_entropy, mask_signal_statistics
@@ -572,16 +649,8 @@ def main(argv=None):
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     lr, student_optimizer, d_optimizer = build_optimizers(args, model, effective_batch)
     discriminator = model.discriminator
-    if discriminator is not None:  # the student's DDP must not own D (no gradient from the student loss): D gets its own
-        ignore = [n for n, _ in model.named_parameters() if n.startswith("discriminator.")]
-        ignore += [n for n, _ in model.named_buffers() if n.startswith("discriminator.")]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        # D's optimizer stays outside accelerate: D computes in float32 and needs no loss scaling, so under fp16 the
-        # one GradScaler belongs to the student alone and updates once per iteration.
-        model, discriminator, student_optimizer, train_dataloader = accelerator.prepare(
-            model, discriminator, student_optimizer, train_dataloader)
-    else:
-        model, student_optimizer, train_dataloader = accelerator.prepare(model, student_optimizer, train_dataloader)
+    model, student_optimizer, train_dataloader = prepare_student(accelerator, model, student_optimizer,
+                                                                 train_dataloader)
     unwrapped = accelerator.unwrap_model(model)
     if args.torch_compile:  # after prepare: DDP and the optimizers see the original parameters
         model = torch.compile(model, backend=args.torch_compile_backend)
@@ -637,11 +706,13 @@ def main(argv=None):
 
     # ---- the iteration: teacher attention once -> D step -> student + score-head step (docs/method.md §3) -------
     def discriminator_step(attention):
-        """Through the DDP-wrapped D (real and fake in one call, so its gradients sync); a float32 loss, unscaled."""
-        output = unwrapped.discriminator_loss(teacher_attention=attention, generator=noise_generator,
-                                              discriminator=discriminator)
+        """Real and fake through D in one call; a float32 loss, unscaled; gradients averaged over processes once per
+        optimizer step."""
+        with student_parameters_gathered(unwrapped, every_unit=False):  # the score head draws the fake masks
+            output = unwrapped.discriminator_loss(teacher_attention=attention, generator=noise_generator)
         (output.loss / args.gradient_accumulation_steps).backward()
         if accelerator.sync_gradients:
+            average_gradients(discriminator.parameters(), accelerator)
             d_optimizer.step()
             d_optimizer.zero_grad(set_to_none=True)
         return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
@@ -650,12 +721,12 @@ def main(argv=None):
     def train_step(batch):
         pixel_values = batch["pixel_values"]
         metrics = {}
-        with accelerator.accumulate(*([model, discriminator] if discriminator is not None else [model])):
+        with accelerator.accumulate(model):
             attention = None
             if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
                 attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
             elif teacher_mode != "none":
-                with accelerator.autocast():
+                with accelerator.autocast(), student_parameters_gathered(unwrapped):
                     attention = unwrapped.teacher_attention(pixel_values)
             if discriminator is not None:
                 metrics.update(discriminator_step(attention))
@@ -732,9 +803,13 @@ def main(argv=None):
                     log_file.write(json.dumps(log) + "\n")
                     log_file.flush()
                 sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
-            if args.image_log_steps and completed % args.image_log_steps == 0 and accelerator.is_main_process:
-                save_image_grid(output_dir / "images" / f"step_{completed:07d}.png", unwrapped, batch["pixel_values"],
-                                output, mean, std, boxes=batch.get("boxes"))
+            if args.image_log_steps and completed % args.image_log_steps == 0 and (
+                    accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
+                # Under FSDP every rank takes part in the forward's all-gathers; the main one writes.
+                with student_parameters_gathered(unwrapped):
+                    save_image_grid(output_dir / "images" / f"step_{completed:07d}.png" if accelerator.is_main_process
+                                    else None, unwrapped, batch["pixel_values"], output, mean, std,
+                                    boxes=batch.get("boxes"))
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
                 save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
@@ -758,17 +833,20 @@ def main(argv=None):
         save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
-    if args.debug_dump_weights:
-        torch.save({k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    state_dict = accelerator.get_state_dict(model) if sharded else None  # gathered: a collective on every rank
+    if args.debug_dump_weights and (accelerator.is_main_process or not sharded):
+        torch.save({k: v.detach().cpu() for k, v in (state_dict or unwrapped.state_dict()).items()},
                    output_dir / f"weights_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(str(output_dir), safe_serialization=True)
+        with plain_class(unwrapped):
+            unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(str(output_dir))
         summary = run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
         if args.push_to_hub:
-            push_run(args, unwrapped, processor, output_dir)
+            push_run(args, unwrapped, processor, output_dir, state_dict)
     if log_file is not None:
         log_file.close()
     if args.with_tracking:

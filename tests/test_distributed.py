@@ -1,0 +1,113 @@
+"""training/pretrain.py over several CPU processes (gloo): DDP on one machine, FSDP, and two "machines" on 127.0.0.1.
+
+Each run is the same 3 steps (batch 4 per process, 2 micro-batches per step, teacher "self", D on), so the
+distributed layouts are compared with each other bit for bit. Slow (several launches): run with --runslow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ENV, REPO_ROOT, common, load_weights, synthetic_images
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU process-group tests"),
+]
+PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
+FSDP_ON_CPU = REPO_ROOT / "tests" / "fsdp_on_cpu.py"  # accelerate's FSDP, which it enables only on accelerators
+FSDP_CONFIG = REPO_ROOT / "training" / "accelerate_configs" / "fsdp.yaml"
+# `--multi_gpu` without GPUs: torchrun workers, and the script picks gloo on the CPU.
+TWO_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no"]
+
+
+def launch(launcher_args, script, args, port, wait=True):
+    command = ["accelerate", "launch", *launcher_args, "--main_process_port", str(port), str(script),
+               *[str(a) for a in args]]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    return finish(process) if wait else process
+
+
+def finish(process, timeout=300):
+    stdout, stderr = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise AssertionError(f"exit {process.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return stdout + stderr
+
+
+def run_args(data, out, *extra):
+    return common(data, out, 3, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2,
+                  "--debug_dump_weights", "--checkpointing_steps", 2, "--image_log_steps", 3, *extra)
+
+
+def assert_same_weights(expected: dict, got: dict):
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import datasets
+
+    root = tmp_path_factory.mktemp("distributed_data") / "clean"
+    datasets.Dataset.from_dict({"img": synthetic_images(24)}).cast_column("img", datasets.Image()).save_to_disk(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    log = launch(TWO_PROCESSES, PRETRAIN, run_args(data, out), 29517)
+    return out, log
+
+
+def test_ddp_ranks_agree_and_d_syncs_once(ddp_run):
+    out, log = ddp_run
+    assert "2 processes" in log
+    rank0, rank1 = torch.load(out / "weights_rank0.pt"), torch.load(out / "weights_rank1.pt")
+    assert_same_weights(rank0, rank1)  # D included: its gradients are averaged by hand, outside the student's DDP
+    assert any(key.startswith("discriminator.") for key in rank0)
+    assert "unused parameters" not in log and "marked ready" not in log
+    at_step_2 = load_weights(out / "checkpoints" / "step_2")  # accelerate's copy of the state, runtime key names
+    assert any(not torch.equal(at_step_2[k], rank0[k]) for k in at_step_2 if k.startswith("discriminator.")), \
+        "D did not train"
+
+
+def test_fsdp_config_trains_like_ddp_and_resumes(data, ddp_run, tmp_path):
+    """The shipped fsdp.yaml (FSDP2, full shard per ViTMAELayer): D and the teacher outside the student's unit,
+    the same weights as DDP, sharded checkpoints, and a resume that ends where the uninterrupted run did."""
+    ddp_out, _ = ddp_run
+    fsdp = ["--config_file", FSDP_CONFIG, "--num_processes", "2", "--mixed_precision", "no"]
+    out = tmp_path / "fsdp"
+    launch(fsdp, FSDP_ON_CPU, run_args(data, out), 29518)
+    assert (out / "checkpoints" / "step_2" / "pytorch_model_fsdp_0").is_dir()  # sharded, as the config asks
+    assert_same_weights(load_weights(ddp_out), load_weights(out))
+    assert not list(out.glob("_fsdp*.py")), "save_pretrained copied torch's FSDP sources"
+    assert (out / "images" / "step_0000003.png").exists()  # picture grids gather the sharded student
+
+    resumed = tmp_path / "resumed"
+    launch(fsdp, FSDP_ON_CPU, run_args(data, resumed, "--resume_from_checkpoint", out / "checkpoints" / "step_2"),
+           29519)
+    assert_same_weights(load_weights(out), load_weights(resumed))
+
+
+def test_two_machines_on_localhost_end_bit_identical(data, ddp_run, tmp_path):
+    """`--num_machines 2 --machine_rank R --main_process_ip`: one process per "machine", the same ranks and
+    weights as two processes on one machine."""
+    ddp_out, _ = ddp_run
+    machines = [launch(["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                        "--main_process_ip", "127.0.0.1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+                       PRETRAIN, run_args(data, tmp_path), 29520, wait=False) for rank in (0, 1)]
+    logs = [finish(process) for process in machines]
+    assert "2 processes" in logs[0]
+    rank0, rank1 = torch.load(tmp_path / "weights_rank0.pt"), torch.load(tmp_path / "weights_rank1.pt")
+    assert_same_weights(rank0, rank1)
+    assert_same_weights(torch.load(ddp_out / "weights_rank0.pt"), rank0)
