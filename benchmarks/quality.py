@@ -55,9 +55,9 @@ ARMS = ("MAE N", "MAE 2N", "box prior", "attention", "AutoMAE", "AutoMAE (self)"
 # A real pretrained teacher (DINOv2 ViT-S/14, `training/build_dinov2_teacher.py`), read at its own patch grid, its maps
 # computed once per image: the reference settings, and the `follow_teacher` preset. Run with --arms.
 DINOV2_ARMS = {"AutoMAE DINOv2": ("reference", ""), "AutoMAE DINOv2 follow_teacher": ("follow_teacher", ""),
-               # the preset with the learned top-K's noise raised less, so more of the mask stays random
+               # the preset with the learned top-K's noise raised more (0.5 is the reference's beta)
                "AutoMAE DINOv2 follow_teacher beta 0.25": ("follow_teacher", ",mask_factor=0.25"),
-               "AutoMAE DINOv2 follow_teacher beta 0.1": ("follow_teacher", ",mask_factor=0.1")}
+               "AutoMAE DINOv2 follow_teacher beta 0.5": ("follow_teacher", ",mask_factor=0.5")}
 # The knob ablation: one knob at a time away from the reference AutoMAE (tau 1, alpha 0.5, lambda 0.2, beta 0.5, MAE N
 # as teacher). arm -> (config overrides, teacher).
 ABLATION = {

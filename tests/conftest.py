@@ -119,8 +119,11 @@ def load_weights(folder):
 
 def pretrain_in_process(args, capsys) -> str:
     """`training/pretrain.py ARGS` in this process (no interpreter start-up); returns what it printed."""
+    from accelerate.state import AcceleratorState
+
     from automae_hf.training import pretraining
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process's accelerate: its own mixed precision
     pretraining.main([str(a) for a in args])
     captured = capsys.readouterr()
     return captured.out + captured.err

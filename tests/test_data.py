@@ -134,3 +134,23 @@ def test_without_torchvision_auto_falls_back_and_torchvision_names_the_extra(mon
         resolve_backend("opencv")
     out = augment(smooth_image("L"), 16, [0.5], [0.5], np.random.default_rng(0))
     assert out["pixel_values"].shape == (1, 16, 16) and out["pixel_values"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_uint8_items_normalised_on_the_device_equal_the_loaders_normalisation(backend, mode):
+    """Pretraining ships uint8 pixels to the device and normalises there: the values equal the loader's own."""
+    from automae_hf.training.data import collate, normalize_pixels
+
+    channels = 3 if mode == "RGB" else 1
+    mean, std = [0.485, 0.456, 0.406][:channels], [0.229, 0.224, 0.225][:channels]
+    items = [{"image": smooth_image(mode)}, {"image": smooth_image(mode, 64, 80)}]
+    as_float = MapImageDataset(items, "image", 32, mean, std, mode, seed=5, backend=backend)
+    as_uint8 = MapImageDataset(items, "image", 32, None, None, mode, seed=5, backend=backend)
+    floats = collate([as_float[i] for i in range(2)])
+    raw = collate([as_uint8[i] for i in range(2)])
+    assert raw["pixel_values"].dtype == torch.uint8 and raw["skipped"] == 0 and isinstance(raw["skipped"], int)
+    normalised = normalize_pixels(raw["pixel_values"], torch.tensor(mean), torch.tensor(std))
+    assert normalised.dtype == torch.float32
+    assert torch.equal(normalised, floats["pixel_values"])
+    assert normalize_pixels(floats["pixel_values"], mean, std) is floats["pixel_values"]  # already normalised

@@ -178,13 +178,26 @@ def apply_geometry(image: Image.Image, geometry, size: int, mean, std, boxes=Non
     image: PIL, "L" or "RGB", W x H. geometry: (left, top, w, h, flipped), the crop in pixels of the image. boxes:
     `[n, 4]` xyxy pixels of the image, or None. attention: `[heads, g, g]` map of the whole image (any float dtype), or
     None. mean, std: C (or 1) values.
-    -> {"pixel_values": float32 `[C, size, size]` (the crop resized to size, bicubic; flipped; normalised), and where
+    mean, std None: the pixels stay uint8 (normalised later, on the device: `normalize_pixels`).
+    -> {"pixel_values": float32 `[C, size, size]` (the crop resized to size, bicubic; flipped; normalised; or uint8
+    without mean / std), and where
     given "boxes": float32 `[m, 4]` xyxy pixels of the output (clipped to the crop, those with nothing left dropped)
     and "teacher_attention": float32 `[heads, g, g]` (bilinear samples at the centres of the crop's g x g cells)},
     all tensors."""
     apply = _augment_torchvision if resolve_backend(backend) == "torchvision" else _augment_pil
-    return apply(image, Geometry(*geometry), size, np.asarray(mean, np.float32), np.asarray(std, np.float32), boxes,
-                 attention)
+    if mean is not None:
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return apply(image, Geometry(*geometry), size, mean, std, boxes, attention)
+
+
+def normalize_pixels(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 `[B, C, H, W]` (on any device) -> float32 (x / 255 - mean) / std, the same float32 operations as the
+    loader's own normalisation, so both give identical values. Float input is returned unchanged (normalised)."""
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(1, -1, 1, 1)
+    return pixel_values.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
 def _augment_torchvision(image, geometry, size, mean, std, boxes, attention) -> dict:
@@ -196,8 +209,10 @@ def _augment_torchvision(image, geometry, size, mean, std, boxes, attention) -> 
         return F.horizontal_flip(out) if flipped else out
 
     # uint8 through the resize: rounded and clamped to 0-255 like PIL's, before the float conversion.
-    pixels = crop_flip(F.to_image(image)).as_subclass(torch.Tensor).to(torch.float32).div_(255.0)
-    pixels = pixels.sub_(torch.from_numpy(mean).view(-1, 1, 1)).div_(torch.from_numpy(std).view(-1, 1, 1))
+    pixels = crop_flip(F.to_image(image)).as_subclass(torch.Tensor)
+    if mean is not None:
+        pixels = pixels.to(torch.float32).div_(255.0)
+        pixels = pixels.sub_(torch.from_numpy(mean).view(-1, 1, 1)).div_(torch.from_numpy(std).view(-1, 1, 1))
     out = {"pixel_values": pixels.contiguous()}
     if boxes is not None:
         wrapped = tv.tv_tensors.BoundingBoxes(torch.as_tensor(np.asarray(boxes, np.float32)).reshape(-1, 4),
@@ -230,16 +245,17 @@ def _augment_pil(image, geometry, size, mean, std, boxes, attention) -> dict:
     return out
 
 
-def _pil_pixels(image: Image.Image, geometry, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """-> float32 `[C, size, size]`: the crop resized (bicubic), flipped, normalised."""
+def _pil_pixels(image: Image.Image, geometry, size: int, mean: np.ndarray | None, std: np.ndarray | None) -> np.ndarray:
+    """-> float32 `[C, size, size]`: the crop resized (bicubic), flipped, normalised (uint8 when mean is None)."""
     left, top, w, h, flipped = geometry
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
-    array = (array - mean) / std
+    if mean is not None:
+        array = (array.astype(np.float32) / np.float32(255.0) - mean) / std
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
@@ -341,7 +357,7 @@ class MapImageDataset(EpochDataset):
         super().__init__(hf_dataset)
         self.column, self.size, self.mode, self.seed = column, size, mode, seed
         self.box_column, self.box_format = box_column, box_format
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.mean, self.std = mean, std  # None: uint8 pixels, normalised on the device (`normalize_pixels`)
         self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
 
     def __getitem__(self, index: int):
@@ -369,9 +385,9 @@ class MapImageDataset(EpochDataset):
 
 
 def make_stream_transform(column, size, mean, std, mode, box_column=None, box_format="xywh", backend="auto"):
-    """-> a `datasets.map` function: example -> {"pixel_values": float32 `[C, size, size]` numpy or None (undecodable),
-    "skipped": 0 or 1, and with `box_column` "boxes": float32 `[n, 4]`}. Unseeded: a stream does not resume exactly."""
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    """-> a `datasets.map` function: example -> {"pixel_values": float32 `[C, size, size]` numpy (uint8 when mean and
+    std are None) or None (undecodable), "skipped": 0 or 1, and with `box_column` "boxes": float32 `[n, 4]`}.
+    Unseeded: a stream does not resume exactly."""
     backend = resolve_backend(backend)
 
     def transform(example):
@@ -391,14 +407,14 @@ def make_stream_transform(column, size, mean, std, mode, box_column=None, box_fo
 
 
 def collate(examples):
-    """-> pixel_values `[B, C, H, W]`, skipped count, and (box_prior) boxes: a list of `[n_i, 4]` float tensors, xyxy
-    pixels of the augmented images."""
+    """-> pixel_values `[B, C, H, W]` (uint8 or float32, as the items), skipped count (int), and (box_prior) boxes:
+    a list of `[n_i, 4]` float tensors, xyxy pixels of the augmented images."""
     skipped = sum(int(e["skipped"]) for e in examples)
     kept = [e for e in examples if e["pixel_values"] is not None]
     if not kept:
-        return {"pixel_values": None, "skipped": torch.tensor(skipped)}
-    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in kept]),
-             "skipped": torch.tensor(skipped)}
+        return {"pixel_values": None, "skipped": skipped}
+    # `skipped` stays a Python int: accelerate moves tensors to the device, and reading one back would sync each step.
+    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in kept]), "skipped": skipped}
     if "teacher_attention" in kept[0]:
         batch["teacher_attention"] = torch.stack([torch.as_tensor(e["teacher_attention"]) for e in kept])
     if "boxes" in kept[0]:

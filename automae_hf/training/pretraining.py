@@ -49,6 +49,7 @@ from .data import (
     collate,
     load_images,
     make_stream_transform,
+    normalize_pixels,
     one_line,
 )
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
@@ -439,7 +440,8 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
     with accelerator.main_process_first():
         hf_data, column, box_column = load_images(args, parser, with_boxes=config.masking == "box_prior")
     if args.streaming:
-        dataset = hf_data.map(make_stream_transform(column, size, mean, std, pil_mode, box_column, args.box_format),
+        # uint8 pixels all the way to the device (a quarter of float32's bytes); normalised there (`normalize_pixels`)
+        dataset = hf_data.map(make_stream_transform(column, size, None, None, pil_mode, box_column, args.box_format),
                               remove_columns=[column] + ([box_column] if box_column else []))
     else:
         if len(hf_data) == 0:
@@ -455,7 +457,7 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
                 hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
                                                 generator_module.teacher_attention, 256, accelerator.device,
                                                 teacher_key=teacher_key)
-        dataset = MapImageDataset(hf_data, column, size, mean, std, pil_mode, args.seed, box_column, args.box_format)
+        dataset = MapImageDataset(hf_data, column, size, None, None, pil_mode, args.seed, box_column, args.box_format)
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
                          num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available())
     if args.dataloader_num_workers > 0:
@@ -672,6 +674,7 @@ def main(argv=None):
     # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
     # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
     noise_generator = torch.Generator(device=accelerator.device)
+    pixel_mean, pixel_std = (torch.tensor(values, device=accelerator.device) for values in (mean, std))
     state = TrainState()
     accelerator.register_for_checkpointing(state, student_scheduler)
     if d_scheduler is not None:
@@ -769,6 +772,7 @@ def main(argv=None):
             state.skipped_images += int(batch["skipped"])
             if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
                 continue
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], pixel_mean, pixel_std)
             micro_index = completed * args.gradient_accumulation_steps + micro_in_step
             noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
             output, metrics = train_step(batch)

@@ -1,0 +1,153 @@
+"""Where the cached-teacher AutoMAE iteration spends what an MAE step does not: torch.profiler over both, side by
+side in one process (the arms of benchmarks/speed.py, same model sizes).
+
+    python benchmarks/profile_step.py                                  # tiny 32 px model, batch 32
+    python benchmarks/profile_step.py --size vit-b16 --batch_size 8    # ViT-B/16, 224 px
+    python benchmarks/profile_step.py --device cuda --bf16 --size vit-b16 --batch_size 128
+
+Prints per iteration, for each arm: wall time, operator calls (on a GPU each is at least one kernel launch, which is
+what a step made of small ops pays for) and host syncs (`aten::item`, `aten::_local_scalar_dense`, `aten::nonzero`);
+the cached arm's time and operator calls by phase (the D step, then the student step's score head, mask sampling,
+encoder, decoder, D as the generator's critic, backward, optimizer); and the operators with the most extra calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import SIZES, autocast_of, build, synchronize  # noqa: E402  (the same arms and sizes as speed.py)
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+
+
+def label_modules(model) -> None:
+    """Profiler ranges around the student step's parts (forward only: backward is one phase)."""
+    parts = {"score head + sampling": model.mask_generator, "encoder": model.vit, "decoder": model.decoder,
+             "D as critic": model.discriminator}
+    for name, module in parts.items():
+        ranges = []
+        module.register_forward_pre_hook(lambda *_, name=name, ranges=ranges: ranges.append(
+            record_function(f"part: {name}").__enter__()))
+        module.register_forward_hook(lambda *_, ranges=ranges: ranges.pop().__exit__(None, None, None))
+
+
+def cached_step(model, student_optimizer, d_optimizer, pixel_values, attention, autocast):
+    with record_function("phase: D step"):
+        with autocast():
+            d_loss = model.discriminator_loss(teacher_attention=attention).loss
+        d_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        d_optimizer.step()
+    with record_function("phase: student forward"), autocast():
+        loss = model(pixel_values, teacher_attention=attention).loss
+    with record_function("phase: student backward"):
+        student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("phase: student optimizer"):
+        student_optimizer.step()
+
+
+def mae_step(model, optimizer, pixel_values, autocast):
+    with record_function("phase: MAE forward"), autocast():
+        loss = model(pixel_values).loss
+    with record_function("phase: MAE backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("phase: MAE optimizer"):
+        optimizer.step()
+
+
+def profile_arm(step, steps: int, args):
+    for _ in range(2):  # warm-up: allocator, oneDNN / cuBLAS plans
+        step()
+    synchronize(args)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(args)
+    seconds = (time.perf_counter() - start) / steps
+    events = prof.events()
+    calls = collections.Counter(e.name for e in events if e.name.startswith("aten::"))
+    # Top-level operator calls only (an op's own aten sub-calls are not extra launches of the step).
+    top = collections.Counter()
+    ranges = {}
+    for event in events:
+        if event.name.startswith(("phase: ", "part: ")):
+            ranges.setdefault(event.name, []).append(event)
+    for event in events:
+        if event.name.startswith("aten::") and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")):
+            top[event.name] += 1
+    by_range = {}
+    for name, items in ranges.items():
+        inner = sum(1 for item in items for child in _descendants(item) if child.name.startswith("aten::")
+                    and not child.cpu_parent.name.startswith("aten::"))
+        by_range[name] = {"ms": sum(item.time_range.elapsed_us() for item in items) / 1000 / steps,
+                          "ops": inner / steps}
+    syncs = sum(calls[name] for name in SYNC_OPS) / steps
+    return {"ms": seconds * 1000, "ops": sum(top.values()) / steps, "syncs": syncs,
+            "top": {k: v / steps for k, v in top.items()}, "ranges": by_range}
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="profiled iterations per arm")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--top", type=int, default=12, help="operators listed by extra calls")
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args(argv)
+
+    built = build(args, ("automae", "mae"))
+    autocast, x = autocast_of(args), built["pixel_values"]
+    model = built["automae"]
+    label_modules(model)
+    attention = built["cached"].float()
+    mae = profile_arm(lambda: mae_step(built["mae"], built["mae_optimizer"], x, autocast), args.steps, args)
+    cached = profile_arm(lambda: cached_step(model, built["student_optimizer"], built["d_optimizer"], x, attention,
+                                             autocast), args.steps, args)
+
+    print(f"{args.size}, batch {args.batch_size}, {args.device}{', bf16' if args.bf16 else ''}, torch "
+          f"{torch.__version__}; per iteration, {args.steps} profiled after 2 warm-up")
+    print(f"\n| arm | ms | operator calls | host syncs |\n|---|---|---|---|")
+    for name, arm in (("MAE", mae), ("AutoMAE cached", cached)):
+        print(f"| {name} | {arm['ms']:.1f} | {arm['ops']:.0f} | {arm['syncs']:.0f} |")
+    print(f"| extra | {cached['ms'] - mae['ms']:+.1f} ({cached['ms'] / mae['ms']:.3f}x) | "
+          f"{cached['ops'] - mae['ops']:+.0f} | {cached['syncs'] - mae['syncs']:+.0f} |")
+    print("\n| range | MAE ms | MAE ops | cached ms | cached ops |\n|---|---|---|---|---|")
+    for phase in ("forward", "backward", "optimizer"):
+        m, c = mae["ranges"][f"phase: MAE {phase}"], cached["ranges"][f"phase: student {phase}"]
+        print(f"| student {phase} | {m['ms']:.1f} | {m['ops']:.0f} | {c['ms']:.1f} | {c['ops']:.0f} |")
+    for name, value in sorted(cached["ranges"].items()):
+        if name.startswith("part: ") or name == "phase: D step":
+            print(f"| {name.split(': ', 1)[1]} | - | - | {value['ms']:.1f} | {value['ops']:.0f} |")
+    extra = {op: cached["top"].get(op, 0) - mae["top"].get(op, 0) for op in set(cached["top"]) | set(mae["top"])}
+    print("\n| operator | MAE calls | cached calls | extra |\n|---|---|---|---|")
+    for op, more in sorted(extra.items(), key=lambda item: -item[1])[: args.top]:
+        print(f"| {op} | {mae['top'].get(op, 0):.0f} | {cached['top'].get(op, 0):.0f} | {more:+.0f} |")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"args": vars(args), "MAE": mae, "AutoMAE cached": cached},
+                                                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
