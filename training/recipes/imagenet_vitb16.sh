@@ -19,7 +19,7 @@ RUNS="${RUNS:-runs/imagenet_vitb16}"
 GPUS=8
 PER_GPU="${PER_GPU:-512}"  # 8 x 512 = 4096, the paper's batch; where 512 does not fit: PER_GPU=256 ACCUM=2
 ACCUM="${ACCUM:-1}"
-# ~2,250 images/s per GPU for MAE at ~230-300 images/s per loader core: 8-10 cores per GPU (benchmarks/RESULTS.md)
+# ~2,250 images/s per GPU for MAE at ~340-500 images/s per loader core: 5-7 cores per GPU (benchmarks/RESULTS.md)
 WORKERS="${WORKERS:-12}"
 export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$RUNS/hf_datasets}"  # the imagefolder index and the cached maps
 launch=(accelerate launch --config_file training/accelerate_configs/ddp.yaml --num_processes "$GPUS")
