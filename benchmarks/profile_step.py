@@ -3,12 +3,15 @@ side in one process (the arms of benchmarks/speed.py, same model sizes).
 
     python benchmarks/profile_step.py                                  # tiny 32 px model, batch 32
     python benchmarks/profile_step.py --size vit-b16 --batch_size 8    # ViT-B/16, 224 px
-    python benchmarks/profile_step.py --device cuda --bf16 --size vit-b16 --batch_size 128
+    python benchmarks/profile_step.py --device cuda --bf16 --size vit-b16 --batch_size 128 --compile
 
 Prints per iteration, for each arm: wall time, operator calls (on a GPU each is at least one kernel launch, which is
-what a step made of small ops pays for) and host syncs (`aten::item`, `aten::_local_scalar_dense`, `aten::nonzero`);
+what a step made of small ops pays for) and host syncs (`aten::item`, `aten::_local_scalar_dense`, `aten::nonzero`,
+outside the optimizers' step: CPU fused Adam reads its step counts there, CUDA's does not);
 the cached arm's time and operator calls by phase (the D step, then the student step's score head, mask sampling,
 encoder, decoder, D as the generator's critic, backward, optimizer); and the operators with the most extra calls.
+`--compile` adds a third arm: the cached iteration with D and the score head compiled (`torch.compile`, as
+`training/pretrain.py --torch_compile` does for the D step); its compiled kernels are counted as operator calls too.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ from speed import SIZES, autocast_of, build, synchronize  # noqa: E402  (the sam
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
 
 
-def label_modules(model) -> None:
-    """Profiler ranges around the student step's parts (forward only: backward is one phase)."""
+def label_modules(model) -> list:
+    """Profiler ranges around the student step's parts (forward only: backward is one phase); -> the hook handles."""
     parts = {"score head + sampling": model.mask_generator, "encoder": model.vit, "decoder": model.decoder,
              "D as critic": model.discriminator}
+    handles = []
     for name, module in parts.items():
         ranges = []
-        module.register_forward_pre_hook(lambda *_, name=name, ranges=ranges: ranges.append(
-            record_function(f"part: {name}").__enter__()))
-        module.register_forward_hook(lambda *_, ranges=ranges: ranges.pop().__exit__(None, None, None))
+        handles.append(module.register_forward_pre_hook(lambda *_, name=name, ranges=ranges: ranges.append(
+            record_function(f"part: {name}").__enter__())))
+        handles.append(module.register_forward_hook(lambda *_, ranges=ranges: ranges.pop().__exit__(None, None, None)))
+    return handles
 
 
 def cached_step(model, student_optimizer, d_optimizer, pixel_values, attention, autocast):
@@ -79,7 +84,6 @@ def profile_arm(step, steps: int, args):
         synchronize(args)
     seconds = (time.perf_counter() - start) / steps
     events = prof.events()
-    calls = collections.Counter(e.name for e in events if e.name.startswith("aten::"))
     # Top-level operator calls only (an op's own aten sub-calls are not extra launches of the step).
     top = collections.Counter()
     ranges = {}
@@ -87,17 +91,30 @@ def profile_arm(step, steps: int, args):
         if event.name.startswith(("phase: ", "part: ")):
             ranges.setdefault(event.name, []).append(event)
     for event in events:
-        if event.name.startswith("aten::") and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")):
+        if is_operator(event) and (event.cpu_parent is None or not is_operator(event.cpu_parent)):
             top[event.name] += 1
     by_range = {}
     for name, items in ranges.items():
-        inner = sum(1 for item in items for child in _descendants(item) if child.name.startswith("aten::")
-                    and not child.cpu_parent.name.startswith("aten::"))
+        inner = sum(1 for item in items for child in _descendants(item) if is_operator(child)
+                    and not is_operator(child.cpu_parent))
         by_range[name] = {"ms": sum(item.time_range.elapsed_us() for item in items) / 1000 / steps,
                           "ops": inner / steps}
-    syncs = sum(calls[name] for name in SYNC_OPS) / steps
+    syncs = sum(1 for event in events if event.name in SYNC_OPS and not _inside(event, "Optimizer.step")) / steps
     return {"ms": seconds * 1000, "ops": sum(top.values()) / steps, "syncs": syncs,
             "top": {k: v / steps for k, v in top.items()}, "ranges": by_range}
+
+
+def is_operator(event) -> bool:
+    """An aten operator, or a kernel that a compiled graph launches in their place (inductor's CPU / Triton kernels)."""
+    return event.name.startswith(("aten::", "cpp_fused", "triton_", "graph_"))
+
+
+def _inside(event, prefix: str) -> bool:
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        if event.name.startswith(prefix):
+            return True
+    return False
 
 
 def _descendants(event):
@@ -114,25 +131,36 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="operators listed by extra calls")
+    parser.add_argument("--compile", action="store_true", help="also the cached arm with D and score head compiled")
+    parser.add_argument("--compile_backend", default="inductor")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
 
     built = build(args, ("automae", "mae"))
     autocast, x = autocast_of(args), built["pixel_values"]
     model = built["automae"]
-    label_modules(model)
+    labels = label_modules(model)
     attention = built["cached"].float()
     mae = profile_arm(lambda: mae_step(built["mae"], built["mae_optimizer"], x, autocast), args.steps, args)
-    cached = profile_arm(lambda: cached_step(model, built["student_optimizer"], built["d_optimizer"], x, attention,
-                                             autocast), args.steps, args)
+    cached_arm = lambda: cached_step(model, built["student_optimizer"], built["d_optimizer"], x, attention, autocast)
+    cached = profile_arm(cached_arm, args.steps, args)
+    arms = {"MAE": mae, "AutoMAE cached": cached}
+    if args.compile:
+        for handle in labels:  # ranges opened in hooks do not survive tracing
+            handle.remove()
+        model.discriminator.compile(backend=args.compile_backend)
+        model.mask_generator.score_head.compile(backend=args.compile_backend)
+        start = time.perf_counter()
+        cached_arm()  # compiles
+        print(f"compiling D and the score head ({args.compile_backend}): {time.perf_counter() - start:.0f} s")
+        arms["AutoMAE cached, D + score head compiled"] = profile_arm(cached_arm, args.steps, args)
 
     print(f"{args.size}, batch {args.batch_size}, {args.device}{', bf16' if args.bf16 else ''}, torch "
           f"{torch.__version__}; per iteration, {args.steps} profiled after 2 warm-up")
-    print(f"\n| arm | ms | operator calls | host syncs |\n|---|---|---|---|")
-    for name, arm in (("MAE", mae), ("AutoMAE cached", cached)):
-        print(f"| {name} | {arm['ms']:.1f} | {arm['ops']:.0f} | {arm['syncs']:.0f} |")
-    print(f"| extra | {cached['ms'] - mae['ms']:+.1f} ({cached['ms'] / mae['ms']:.3f}x) | "
-          f"{cached['ops'] - mae['ops']:+.0f} | {cached['syncs'] - mae['syncs']:+.0f} |")
+    print(f"\n| arm | ms | / MAE | operator calls | extra calls | host syncs |\n|---|---|---|---|---|---|")
+    for name, arm in arms.items():
+        print(f"| {name} | {arm['ms']:.1f} | {arm['ms'] / mae['ms']:.3f} | {arm['ops']:.0f} | "
+              f"{arm['ops'] - mae['ops']:+.0f} | {arm['syncs']:.0f} |")
     print("\n| range | MAE ms | MAE ops | cached ms | cached ops |\n|---|---|---|---|---|")
     for phase in ("forward", "backward", "optimizer"):
         m, c = mae["ranges"][f"phase: MAE {phase}"], cached["ranges"][f"phase: student {phase}"]
@@ -140,13 +168,15 @@ def main(argv=None) -> None:
     for name, value in sorted(cached["ranges"].items()):
         if name.startswith("part: ") or name == "phase: D step":
             print(f"| {name.split(': ', 1)[1]} | - | - | {value['ms']:.1f} | {value['ops']:.0f} |")
+    for name, arm in list(arms.items())[2:]:
+        d_step = arm["ranges"].get("phase: D step", {})
+        print(f"| D step, {name} | - | - | {d_step.get('ms', 0):.1f} | {d_step.get('ops', 0):.0f} |")
     extra = {op: cached["top"].get(op, 0) - mae["top"].get(op, 0) for op in set(cached["top"]) | set(mae["top"])}
     print("\n| operator | MAE calls | cached calls | extra |\n|---|---|---|---|")
     for op, more in sorted(extra.items(), key=lambda item: -item[1])[: args.top]:
         print(f"| {op} | {mae['top'].get(op, 0):.0f} | {cached['top'].get(op, 0):.0f} | {more:+.0f} |")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"args": vars(args), "MAE": mae, "AutoMAE cached": cached},
-                                                     indent=1))
+        Path(args.output_json).write_text(json.dumps({"args": vars(args), **arms}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,14 +36,19 @@ def plain_files(out):
 
 @pytest.mark.slow  # gpu.sh end to end on the CPU, ~40 s: run with --runslow
 def test_default_mode_speed_loop_and_loader(tmp_path):
-    result = run_script(tmp_path, SIZES="tiny", BATCHES=8, STEPS=2, LOOP_CONFIG=TINY, LOOP_IMAGE_SIZE=32,
+    result = run_script(tmp_path, SIZES="tiny", BATCHES=8, STEPS=2, PROFILE_SIZE="tiny", PROFILE_BATCH=8,
+                        PROFILE_STEPS=1, LOOP_CONFIG=TINY, LOOP_IMAGE_SIZE=32,
                         LOOP_SOURCE_SIZE=40, LOOP_IMAGES=32, LOOP_BATCH=8, LOOP_STEPS=4, LOOP_LOGGING_STEPS=1,
                         LOOP_WORKERS=1, LOOP_SPEED_SIZE="tiny",
                         LOADER_ARGS="--images 16 --workers 1 --batch_size 8 --size 32 --source_size 40 --epochs 1 "
                                     "--sources arrow")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
-    assert plain_files(out) == {"summary.txt", "speed_tiny_bs8.json", "loop.json", "loop.log", "loader.json"}
+    assert plain_files(out) == {"summary.txt", "speed_tiny_bs8.json", "profile.json", "loop.json", "loop.log",
+                                "loader.json"}
+    profile = json.loads((out / "profile.json").read_text())
+    assert set(profile) == {"args", "MAE", "AutoMAE cached", "AutoMAE cached, D + score head compiled"}
+    assert profile["AutoMAE cached"]["ops"] > profile["AutoMAE cached, D + score head compiled"]["ops"]
     loop = json.loads((out / "loop.json").read_text())["arms"]
     assert set(loop) == {"MAE", "AutoMAE", "AutoMAE cached"}
     for arm, row in loop.items():

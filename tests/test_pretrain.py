@@ -254,10 +254,14 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
 
 
 @pytest.mark.slow  # a torch.compile: run with --runslow
-def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_dir, tmp_path):
-    """The HF examples' flags, in process: the same weights with recomputed blocks and a compiled step, and only the
-    newest N checkpoints kept."""
+def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_dir, tmp_path, caplog):
+    """The HF examples' flags, in process: the same weights with recomputed blocks and a compiled step (the D step's
+    D and score head too), and only the newest N checkpoints kept."""
+    import logging
+
     from automae_hf.training import pretraining
+
+    caplog.set_level(logging.INFO, logger="automae.pretrain")
 
     plain = [str(a) for a in common(data_dir / "clean", tmp_path / "plain", 3)]
     flagged = [str(a) for a in common(data_dir / "clean", tmp_path / "flagged", 3, "--gradient_checkpointing",
@@ -270,6 +274,7 @@ def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_d
     worst = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
     assert worst < 1e-4, worst
     assert sorted(p.name for p in (tmp_path / "flagged" / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert "torch.compile (aot_eager): the model's forward, AutoMAEDiscriminator, AutoMAEScoreHead" in caplog.text
 
 
 def test_noise_streams_are_independent_per_rank_and_reproducible():

@@ -656,6 +656,13 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     if args.torch_compile:  # after prepare: DDP and the optimizers see the original parameters
         model = torch.compile(model, backend=args.torch_compile_backend)
+        # The D step runs outside the model's forward: D and the score head compile on their own (on a GPU their
+        # dozens of small ops, the spectral norms' power iterations included, become a few kernels).
+        compiled = [part for part in (discriminator, getattr(unwrapped.mask_generator, "score_head", None)) if part]
+        for part in compiled:
+            part.compile(backend=args.torch_compile_backend)
+        logger.info("torch.compile (%s): the model's forward, %s", args.torch_compile_backend,
+                    ", ".join(type(part).__name__ for part in compiled) or "nothing else")
 
     if args.streaming:
         steps_per_epoch, max_train_steps, num_epochs = None, args.max_train_steps, 10**9
