@@ -55,8 +55,10 @@ def test_run_writes_loadable_model(full_run):
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 7))
     for key in ("loss", "reconstruction_loss", "generator_loss", "d_loss", "d_real_accuracy", "d_fake_accuracy",
-                "mask_entropy", "lr", "images_per_second", "skipped_images"):
-        assert key in logs[-1], key
+                "mask_entropy", "topk_in_teacher_topk", "lr", "images_per_second", "skipped_images",
+                "data_wait_ms", "train_step_ms", "loop_other_ms"):
+        assert all(key in row for row in logs), key
+    assert all(row["train_step_ms"] > 0 and row["data_wait_ms"] >= 0 for row in logs)
     assert sorted(p.name for p in (out / "images").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
 

@@ -728,7 +728,8 @@ def main(argv=None):
         return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
                     d_fake_accuracy=output.fake_accuracy)
 
-    def train_step(batch):
+    def train_step(batch, diagnose: bool):
+        """-> (output, metrics summed over the logging window, diagnostics of this micro-batch when `diagnose`)."""
         pixel_values = batch["pixel_values"]
         metrics = {}
         with accelerator.accumulate(model):
@@ -749,13 +750,14 @@ def main(argv=None):
         metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
         if output.generator_loss is not None:
             metrics["generator_loss"] = output.generator_loss.detach()
-        if output.mask_probs is not None:
-            metrics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
-        if output.mask_logits is not None and attention is not None:  # how much the scores decide the mask
+        diagnostics = {}  # dozens of small ops: only on the micro-batch that ends a logging window
+        if diagnose and output.mask_probs is not None:
+            diagnostics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+        if diagnose and output.mask_logits is not None and attention is not None:  # how much the scores decide
             num_visible = num_visible_patches(output.mask.shape[1], config.mask_ratio)
-            metrics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
-                                                  config.gumbel_noise_scale))
-        return output, metrics
+            diagnostics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
+                                                      config.gumbel_noise_scale))
+        return output, metrics, diagnostics
 
     from tqdm.auto import tqdm
 
@@ -767,6 +769,20 @@ def main(argv=None):
         discriminator.train()
     completed, micro_in_step, last_saved = start_step, 0, None
     window_images, window_start, sums, sum_count = 0, time.perf_counter(), {}, 0
+    # Host time per micro-batch, logged: waiting for the loader, inside train_step (the model; on a GPU also waiting
+    # for a full launch queue) and the rest of the loop (logging, checkpoints included). perf_counter only: no sync.
+    host_ms = {"data_wait_ms": 0.0, "train_step_ms": 0.0}
+
+    def timed(batches):
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            host_ms["data_wait_ms"] += 1000 * (time.perf_counter() - start)
+            if batch is None:
+                return
+            yield batch
+
     done, epoch = completed >= max_train_steps, start_epoch
     while not done and epoch < num_epochs:
         for owner in (train_dataset, train_dataloader):
@@ -775,14 +791,20 @@ def main(argv=None):
         loader = train_dataloader
         if epoch == start_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for batch in loader:
+        for batch in timed(loader):
             state.skipped_images += int(batch["skipped"])
             if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
                 continue
             batch["pixel_values"] = normalize_pixels(batch["pixel_values"], pixel_mean, pixel_std)
             micro_index = completed * args.gradient_accumulation_steps + micro_in_step
             noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
-            output, metrics = train_step(batch)
+            step_start = time.perf_counter()
+            ends_step = (micro_in_step == args.gradient_accumulation_steps - 1
+                         or accelerator.gradient_state.end_of_dataloader)
+            ends_window = ends_step and (
+                (completed + 1) % args.logging_steps == 0 or completed + 1 == max_train_steps)
+            output, metrics, diagnostics = train_step(batch, diagnose=ends_window)
+            host_ms["train_step_ms"] += 1000 * (time.perf_counter() - step_start)
             window_images += batch["pixel_values"].shape[0]
             for key, value in metrics.items():  # summed on the device: no host sync outside logging steps
                 value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
@@ -804,6 +826,9 @@ def main(argv=None):
                 stats = accelerator.reduce(stats, reduction="sum")
                 elapsed = time.perf_counter() - window_start
                 log = {k: float(v) / sum_count for k, v in sums.items()}
+                log.update({k: float(v) for k, v in diagnostics.items()})
+                log.update({key: value / sum_count for key, value in host_ms.items()},
+                           loop_other_ms=(1000 * elapsed - sum(host_ms.values())) / sum_count)
                 log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
                            skipped_images=int(stats[1]), epoch=epoch, step=completed)
                 progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
@@ -814,6 +839,7 @@ def main(argv=None):
                     log_file.write(json.dumps(log) + "\n")
                     log_file.flush()
                 sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
+                host_ms = dict.fromkeys(host_ms, 0.0)
             if args.image_log_steps and completed % args.image_log_steps == 0 and (
                     accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
                 # Under FSDP every rank takes part in the forward's all-gathers; the main one writes.
