@@ -125,7 +125,7 @@ BOX_FORMATS = ("xyxy", "xyxy_normalized", "xywh")
 
 
 def boxes_to_xyxy(boxes: torch.Tensor, box_format: str, image_size: tuple[int, int]) -> torch.Tensor:
-    """`[n, 4]` boxes in `box_format` -> `[n, 4]` float (x_min, y_min, x_max, y_max) in pixels of an image of
+    """`[..., 4]` boxes in `box_format` -> the same shape, float (x_min, y_min, x_max, y_max) in pixels of an image of
     `image_size` (height, width).
 
     Formats: `"xyxy"` pixels; `"xyxy_normalized"` the same in [0, 1] (fractions of width / height); `"xywh"` COCO
@@ -133,19 +133,33 @@ def boxes_to_xyxy(boxes: torch.Tensor, box_format: str, image_size: tuple[int, i
     """
     if box_format not in BOX_FORMATS:
         raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    shape = boxes.shape[:-1] + (4,) if boxes.dim() > 1 else (-1, 4)
+    boxes = boxes.reshape(-1, 4)
     if box_format == "xywh":
-        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
-    if box_format == "xyxy_normalized":
+        boxes = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    elif box_format == "xyxy_normalized":
         height, width = image_size
-        return boxes * boxes.new_tensor([width, height, width, height])
-    return boxes
+        boxes = boxes * boxes.new_tensor([width, height, width, height])
+    return boxes.reshape(shape)
+
+
+def pad_boxes(boxes, device=None) -> torch.Tensor:
+    """A list (one entry per image) of `[n_i, 4]` boxes (tensors, arrays or nested lists; n_i may be 0) -> one
+    `[B, max n_i, 4]` float tensor, NaN rows for padding (a NaN box contains no point). A tensor passes through."""
+    if torch.is_tensor(boxes) and boxes.dim() == 3:
+        return boxes.to(device=device, dtype=torch.float32)
+    rows = [torch.as_tensor(image_boxes, dtype=torch.float32).reshape(-1, 4) for image_boxes in boxes]
+    padded = torch.full((len(rows), max([len(r) for r in rows] + [1]), 4), float("nan"))
+    for index, image_boxes in enumerate(rows):
+        padded[index, : len(image_boxes)] = image_boxes
+    return padded.to(device)
 
 
 def boxes_to_patch_mask(
     boxes, grid_size: tuple[int, int], image_size: tuple[int, int], box_format: str = "xyxy", device=None
 ) -> torch.Tensor:
-    """`[B, L]` float, 1 for the patches inside any of an image's boxes, 0 elsewhere.
+    """`[B, L]` float, 1 for the patches inside any of an image's boxes, 0 elsewhere; one batched computation.
 
     The rule: a patch is inside when its centre lies in a box, borders included
     (`x_min <= centre_x <= x_max` and `y_min <= centre_y <= y_max`, in pixels of the `image_size` (height, width)
@@ -154,23 +168,19 @@ def boxes_to_patch_mask(
 
     Args:
         boxes: a list (one entry per image) of `[n_i, 4]` tensors / arrays / nested lists (n_i may be 0), or a
-            `[B, n, 4]` tensor; several boxes per image.
+            `[B, n, 4]` tensor whose NaN rows are padding (what the pretraining loader's `collate` gives).
     """
     rows, columns = grid_size
     height, width = image_size
-    centre_y = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) * (height / rows)
-    centre_x = (torch.arange(columns, dtype=torch.float32, device=device) + 0.5) * (width / columns)
-    out = []
-    for image_boxes in boxes:
-        xyxy = boxes_to_xyxy(torch.as_tensor(image_boxes, dtype=torch.float32).to(device), box_format, image_size)
-        if xyxy.shape[0] == 0:
-            out.append(torch.zeros(rows * columns, device=device))
-            continue
-        in_y = (centre_y.view(1, -1) >= xyxy[:, 1:2]) & (centre_y.view(1, -1) <= xyxy[:, 3:4])  # [n, rows]
-        in_x = (centre_x.view(1, -1) >= xyxy[:, 0:1]) & (centre_x.view(1, -1) <= xyxy[:, 2:3])  # [n, columns]
-        inside = (in_y[:, :, None] & in_x[:, None, :]).any(dim=0)
-        out.append(inside.flatten().float())
-    return torch.stack(out) if out else torch.zeros(0, rows * columns, device=device)
+    padded = pad_boxes(boxes, device)
+    batch, count = padded.shape[:2]
+    xyxy = boxes_to_xyxy(padded, box_format, image_size).view(batch, count, 4, 1)
+    centre_y = (torch.arange(rows, dtype=torch.float32, device=padded.device) + 0.5) * (height / rows)
+    centre_x = (torch.arange(columns, dtype=torch.float32, device=padded.device) + 0.5) * (width / columns)
+    in_y = (centre_y >= xyxy[:, :, 1]) & (centre_y <= xyxy[:, :, 3])  # [B, n, rows]; False on NaN padding
+    in_x = (centre_x >= xyxy[:, :, 0]) & (centre_x <= xyxy[:, :, 2])  # [B, n, columns]
+    inside = (in_y[:, :, :, None] & in_x[:, :, None, :]).any(dim=1)
+    return inside.flatten(1).float()
 
 
 def box_prior_masking(noise: torch.Tensor, inside: torch.Tensor, mask_factor: float, num_visible: int):
@@ -390,6 +400,7 @@ __all__ = [
     "attention_masking",
     "box_prior_masking",
     "boxes_to_patch_mask",
+    "pad_boxes",
     "boxes_to_xyxy",
     "box_prior_ranges",
     "gumbel_softmax_sample",

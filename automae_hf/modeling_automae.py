@@ -901,8 +901,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             teacher_attention: `[B, heads, h, w]` teacher maps computed once per iteration (or cached); read by the
                 `"learned"` and `"attention"` strategies.
             boxes: `masking="box_prior"` only: a list (one entry per image) of `[n_i, 4]` boxes (n_i >= 0), or a
-                `[B, n, 4]` tensor. A patch is inside when its centre lies in one of its image's boxes (borders
-                included); `None` or no boxes gives plain random masking for that image.
+                `[B, n, 4]` tensor (NaN rows: padding). A patch is inside when its centre lies in one of its
+                image's boxes (borders included); `None` or no boxes gives plain random masking for that image.
             box_format: coordinates of `boxes`, `config.box_format` when `None`: `"xyxy"` (pixels of
                 `pixel_values`), `"xyxy_normalized"` ([0, 1]) or `"xywh"` (COCO pixels).
         Returns:

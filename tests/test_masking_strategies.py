@@ -113,6 +113,29 @@ def test_box_patch_rule_is_centre_inside_any_box():
     assert torch.equal(inside, expected)  # a box covering no centre marks nothing
 
 
+@pytest.mark.parametrize("box_format", ["xyxy", "xywh", "xyxy_normalized"])
+def test_boxes_of_a_batch_are_tested_at_once_padded_or_listed(box_format):
+    """The loader pads an image's boxes with NaN rows into one [B, n, 4] tensor; listed, padded or one image at a
+    time, the patches inside are the same."""
+    from automae_hf.masking import pad_boxes
+    from automae_hf.training.data import collate
+
+    generator = torch.Generator().manual_seed(0)
+    boxes = [torch.rand(count, 4, generator=generator) * 16 for count in (3, 0, 1, 5)]
+    boxes = [torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1) if box_format != "xywh" else b for b in boxes]
+    scale = 1 / 32 if box_format == "xyxy_normalized" else 1
+    boxes = [b * scale for b in boxes]
+    one_by_one = torch.cat([boxes_to_patch_mask([b], (8, 8), (32, 32), box_format) for b in boxes])
+    assert one_by_one.sum() > 0
+    assert torch.equal(boxes_to_patch_mask(boxes, (8, 8), (32, 32), box_format), one_by_one)
+    padded = pad_boxes(boxes)
+    assert padded.shape == (4, 5, 4) and padded[1].isnan().all()
+    assert torch.equal(boxes_to_patch_mask(padded, (8, 8), (32, 32), box_format), one_by_one)
+    batch = collate([{"pixel_values": torch.zeros(3, 32, 32, dtype=torch.uint8), "skipped": 0, "boxes": b.numpy()}
+                     for b in boxes])
+    assert torch.allclose(batch["boxes"], padded, equal_nan=True)
+
+
 def test_boxes_need_box_prior():
     with pytest.raises(ValueError, match="box_prior"):
         run_model(tiny_model("random"), images(1, 32), "random", boxes=[torch.zeros(0, 4)])

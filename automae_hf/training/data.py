@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..configuration_automae import BOX_FORMATS
+from ..masking import pad_boxes
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -408,7 +409,7 @@ def make_stream_transform(column, size, mean, std, mode, box_column=None, box_fo
 
 def collate(examples):
     """-> pixel_values `[B, C, H, W]` (uint8 or float32, as the items), skipped count (int), and (box_prior) boxes:
-    a list of `[n_i, 4]` float tensors, xyxy pixels of the augmented images."""
+    `[B, max n_i, 4]` float, xyxy pixels of the augmented images, NaN rows for padding."""
     skipped = sum(int(e["skipped"]) for e in examples)
     kept = [e for e in examples if e["pixel_values"] is not None]
     if not kept:
@@ -418,7 +419,8 @@ def collate(examples):
     if "teacher_attention" in kept[0]:
         batch["teacher_attention"] = torch.stack([torch.as_tensor(e["teacher_attention"]) for e in kept])
     if "boxes" in kept[0]:
-        batch["boxes"] = [torch.as_tensor(np.asarray(e["boxes"], np.float32)).reshape(-1, 4) for e in kept]
+        # One [B, max n, 4] tensor, NaN rows for padding: one copy to the device, one batched box test there.
+        batch["boxes"] = pad_boxes([np.asarray(e["boxes"], np.float32).reshape(-1, 4) for e in kept])
     return batch
 
 

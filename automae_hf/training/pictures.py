@@ -118,10 +118,11 @@ def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def draw_boxes(tile: np.ndarray, boxes, colour=(255, 0, 0)) -> np.ndarray:
-    """Outlines xyxy pixel boxes `[n, 4]` on a uint8 `[H, W, 3]` tile (a copy)."""
+    """Outlines xyxy pixel boxes `[n, 4]` on a uint8 `[H, W, 3]` tile (a copy); NaN rows (padding) are skipped."""
     tile = tile.copy()
     height, width = tile.shape[:2]
-    for x0, y0, x1, y1 in np.asarray(boxes, np.float32).reshape(-1, 4):
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    for x0, y0, x1, y1 in boxes[np.isfinite(boxes).all(axis=1)]:
         x0, x1 = (int(np.clip(round(v), 0, width - 1)) for v in (x0, x1))
         y0, y1 = (int(np.clip(round(v), 0, height - 1)) for v in (y0, y1))
         tile[y0, x0:x1 + 1] = tile[y1, x0:x1 + 1] = colour
