@@ -343,3 +343,21 @@ def test_fp16_scaler_steps_and_updates_once_per_iteration(data_dir, tmp_path, ca
     assert calls == {"step": 3, "update": 3}
     weights = load_weights(tmp_path)
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_d_and_teacher_leave_the_student_while_accelerate_wraps_it(tiny_config):
+    """What DDP / FSDP see while `prepare_student` wraps the model: the student alone (no D, no frozen teacher);
+    afterwards the model is whole again, the same modules in the same places."""
+    from automae_hf import AutoMAEForPreTraining
+    from automae_hf.training.pretraining import outside_the_student
+
+    model = AutoMAEForPreTraining(tiny_config())
+    before = dict(model.state_dict())
+    discriminator, teacher = model.discriminator, model.mask_generator.teacher
+    with outside_the_student(model) as outside:
+        assert outside == [discriminator, teacher]
+        names = [name for name, _ in model.named_parameters()]
+        assert names and not any(name.startswith(("discriminator.", "mask_generator.teacher.")) for name in names)
+        assert any(name.startswith("mask_generator.score_head.") for name in names)  # the score head is the student's
+    assert model.discriminator is discriminator and model.mask_generator.teacher is teacher
+    assert list(model.state_dict()) == list(before)
