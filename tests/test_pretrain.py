@@ -361,3 +361,25 @@ def test_d_and_teacher_leave_the_student_while_accelerate_wraps_it(tiny_config):
         assert any(name.startswith("mask_generator.score_head.") for name in names)  # the score head is the student's
     assert model.discriminator is discriminator and model.mask_generator.teacher is teacher
     assert list(model.state_dict()) == list(before)
+
+
+def test_streaming_imagefolder_run(tmp_path, capsys):
+    """--streaming over an imagefolder: the map transform ships uint8 crops, the loop normalises them, the run ends."""
+    import datasets
+
+    from automae_hf.training.data import collate, make_stream_transform
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for index, image in enumerate(synthetic_images(12)):
+        image.save(folder / f"{index}.png")
+    stream = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "images"), split="train", streaming=True)
+    stream = stream.map(make_stream_transform("image", 32, None, None, "RGB"), remove_columns=["image", "label"])
+    assert collate([example for _, example in zip(range(2), stream)])["pixel_values"].dtype == torch.uint8
+    printed = pretrain_in_process(["--train_dir", tmp_path / "images", "--streaming", "--output_dir", tmp_path / "out",
+                                   "--image_size", 32, "--config_overrides", TINY, "--per_device_train_batch_size", 4,
+                                   "--max_train_steps", 3, "--warmup_steps", 1, "--dataloader_num_workers", 0,
+                                   "--seed", 3], capsys)
+    assert "Done: 3 steps" in printed
+    logs = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 3 and np.isfinite(logs[-1]["loss"])
