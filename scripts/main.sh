@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: installs what it needs, pretrains MAE and AutoMAE on the embedded Fashion-MNIST subset
-# (offline, CPU, ~10 minutes on 2 cores), then prints the checkpoint, the picture grid and probe accuracies.
+# (offline, CPU, ~5 minutes on 2 cores), then prints the checkpoint, the picture grid and probe accuracies.
 # Extra arguments go to training/default_job.py (e.g. --steps 200 for a quicker look).
 set -euo pipefail
 cd "$(dirname "$0")/.."

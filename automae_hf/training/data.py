@@ -252,7 +252,7 @@ def _pil_pixels(image: Image.Image, geometry, size: int, mean: np.ndarray | None
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
     if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy (PIL's buffer is read-only, and torch warns on those)
     if array.ndim == 2:
         array = array[:, :, None]
     if mean is not None:

@@ -1,6 +1,6 @@
 """The README's main job: pretrain a small AutoMAE on the embedded Fashion-MNIST subset, then show what it learned.
 
-Offline, CPU, about 10 minutes on 2 cores. The reference recipe at toy scale, each arm through `training/pretrain.py`:
+Offline, CPU, about 5 minutes on 2 cores. The reference recipe at toy scale, each arm through `training/pretrain.py`:
   1. MAE (random masks, `--teacher_name_or_path none`) for N steps: the baseline and, as in the paper, the teacher;
   2. AutoMAE for N steps from scratch, its mask generator reading (1)'s frozen attention.
 Then frozen-feature kNN and linear-probe accuracies on the held-out test images, for both encoders beside raw pixels
