@@ -18,6 +18,12 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.float()` without the call when it is float32 already: the mask generator's fp32 parts run a few dozen
+    such casts per step, and on a host-bound GPU every call costs its dispatch."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
 def gumbel_softmax_sample(
     log_probs: torch.Tensor,
     tau: float = 1.0,
@@ -38,7 +44,7 @@ def gumbel_softmax_sample(
     if gumbel_noise is None:
         uniform = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float32)
         gumbel_noise = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
-    return torch.softmax((log_probs.float() + noise_scale * gumbel_noise.float()) / tau, dim=-1)
+    return torch.softmax((as_float32(log_probs) + noise_scale * as_float32(gumbel_noise)) / tau, dim=-1)
 
 
 def straight_through_topk(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -397,6 +403,7 @@ __all__ = [
     "MaskingInputs",
     "MaskingStrategy",
     "argsort_masking",
+    "as_float32",
     "attention_masking",
     "box_prior_masking",
     "boxes_to_patch_mask",

@@ -30,6 +30,7 @@ from .masking import (
     MASKING_STRATEGIES,
     MaskingInputs,
     argsort_masking,
+    as_float32,
     gumbel_softmax_sample,
     sample_box_prior,
     straight_through_topk,
@@ -320,8 +321,8 @@ class AutoMAEScoreHead(nn.Sequential):
         weights' dtype or autocast: bf16 rounding of the scores would create top-K ties."""
         first, _, second = self
         with torch.autocast(attention.device.type, enabled=False):
-            hidden = F.conv2d(attention.float(), first.weight.float(), first.bias.float(), padding=1)
-            scores = F.conv2d(F.relu(hidden), second.weight.float(), second.bias.float(), padding=1)
+            hidden = F.conv2d(as_float32(attention), as_float32(first.weight), as_float32(first.bias), padding=1)
+            scores = F.conv2d(F.relu(hidden), as_float32(second.weight), as_float32(second.bias), padding=1)
             return torch.log_softmax(scores.flatten(1), dim=-1)
 
     @torch.no_grad()
@@ -371,11 +372,11 @@ class AutoMAEDiscriminator(nn.Module):
         convs = (self.conv1, self.conv2, self.conv3)
         with torch.autocast(mask_probs.device.type, enabled=False):
             if freeze_weights:
-                with torch.no_grad():
-                    weights = [conv.weight.detach().float() for conv in convs]
+                with torch.no_grad():  # no graph: no detach needed
+                    weights = [as_float32(conv.weight) for conv in convs]
             else:
-                weights = [conv.weight.float() for conv in convs]
-            hidden = mask_probs.float().reshape(-1, 1, *grid_size)
+                weights = [as_float32(conv.weight) for conv in convs]
+            hidden = as_float32(mask_probs).reshape(-1, 1, *grid_size)
             hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
             hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
             if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3
@@ -674,7 +675,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         """`[B, heads, h, w]` teacher maps -> `[B, h*w]` float32 log-probabilities over patches: the score head on the
         maps (standardised per image and head first with `attention_normalization="standardize"`), scaled by
         `score_scale` before the log-softmax."""
-        attention = teacher_attention.float()
+        attention = as_float32(teacher_attention)
         if self.config.attention_normalization == "standardize":
             flat = attention.flatten(2)
             mean, std = flat.mean(-1, keepdim=True), flat.std(-1, keepdim=True)
