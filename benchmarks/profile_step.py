@@ -157,7 +157,7 @@ def main(argv=None) -> None:
 
     print(f"{args.size}, batch {args.batch_size}, {args.device}{', bf16' if args.bf16 else ''}, torch "
           f"{torch.__version__}; per iteration, {args.steps} profiled after 2 warm-up")
-    print(f"\n| arm | ms | / MAE | operator calls | extra calls | host syncs |\n|---|---|---|---|---|---|")
+    print("\n| arm | ms | / MAE | operator calls | extra calls | host syncs |\n|---|---|---|---|---|---|")
     for name, arm in arms.items():
         print(f"| {name} | {arm['ms']:.1f} | {arm['ms'] / mae['ms']:.3f} | {arm['ops']:.0f} | "
               f"{arm['ops'] - mae['ops']:+.0f} | {arm['syncs']:.0f} |")

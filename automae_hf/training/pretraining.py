@@ -618,6 +618,42 @@ def push_run(args, model, processor, output_dir: Path, state_dict: dict | None =
         raise SystemExit(1)
 
 
+def resume(args, parser, accelerator, checkpoint_root: Path) -> None:
+    """`--resume_from_checkpoint latest|PATH`: accelerate's `load_state` (model, optimizers, schedules, step, RNG)."""
+    path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
+            else Path(args.resume_from_checkpoint))
+    if path is None:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint under %s, starting fresh", checkpoint_root)
+    elif not path.is_dir():
+        parser.error(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder")
+    else:
+        accelerator.print(f"Resuming from {path}")
+        accelerator.load_state(str(path))
+
+
+def save_run(args, accelerator, model, unwrapped, processor, completed: int, total_skipped: int,
+             summary: dict) -> None:
+    """The model folder (weights gathered first under FSDP: a collective on every rank), processor, summary, push.
+    `model`: as prepared; `unwrapped`: the `AutoMAEForPreTraining` inside it."""
+    from accelerate.utils import DistributedType
+
+    output_dir = Path(args.output_dir)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    state_dict = accelerator.get_state_dict(model) if sharded else None
+    if args.debug_dump_weights and (accelerator.is_main_process or not sharded):
+        torch.save({k: v.detach().cpu() for k, v in (state_dict or unwrapped.state_dict()).items()},
+                   output_dir / f"weights_rank{accelerator.process_index}.pt")
+    if not accelerator.is_main_process:
+        return
+    with plain_class(unwrapped):
+        unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(str(output_dir))
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
+    if args.push_to_hub:
+        push_run(args, unwrapped, processor, output_dir, state_dict)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -696,15 +732,7 @@ def main(argv=None):
         accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                        for k, v in vars(args).items()})
     if args.resume_from_checkpoint:
-        path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
-                else Path(args.resume_from_checkpoint))
-        if path is None:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint under %s, starting fresh", checkpoint_root)
-        elif not path.is_dir():
-            parser.error(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder")
-        else:
-            accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(str(path))
+        resume(args, parser, accelerator, checkpoint_root)
     start_step = state.completed_steps
     start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
     skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
@@ -870,20 +898,8 @@ def main(argv=None):
         save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    state_dict = accelerator.get_state_dict(model) if sharded else None  # gathered: a collective on every rank
-    if args.debug_dump_weights and (accelerator.is_main_process or not sharded):
-        torch.save({k: v.detach().cpu() for k, v in (state_dict or unwrapped.state_dict()).items()},
-                   output_dir / f"weights_rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        with plain_class(unwrapped):
-            unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(str(output_dir))
-        summary = run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column)
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(f"Done: {completed} steps; skipped {total_skipped} undecodable image(s); model in {output_dir}")
-        if args.push_to_hub:
-            push_run(args, unwrapped, processor, output_dir, state_dict)
+    save_run(args, accelerator, model, unwrapped, processor, completed, total_skipped,
+             run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column))
     if log_file is not None:
         log_file.close()
     if args.with_tracking:
