@@ -2,11 +2,12 @@
 # The benchmarks' figures (docs/benchmarks.md) on one H100/H200-class GPU.
 #
 #   bash benchmarks/gpu.sh probe      # one minute: versions, the device, two tiny bf16 steps (run this first)
-#   bash benchmarks/gpu.sh            # <= 5 minutes: speed.py at ViT-B/16, bf16, batch 128 and 256; profile_step.py (the
-#                                     # cached arm's extra operator calls, eager and with D + score head compiled); the real loop
+#   bash benchmarks/gpu.sh            # <= 5 minutes: speed.py at ViT-B/16, bf16, batch 128 and 256; then the real loop
 #                                     # (training/pretrain.py: MAE, AutoMAE, AutoMAE with cached teacher maps) on
 #                                     # 2,048 generated 256-px JPEGs against speed.py's model-only rate; then
-#                                     # benchmarks/loader.py (images per CPU core)
+#                                     # benchmarks/loader.py (images per CPU core); last, on what is left of the
+#                                     # budget, profile_step.py (the cached arm's extra operator calls, eager and
+#                                     # with D + score head compiled)
 #   bash benchmarks/gpu.sh quality    # < 8 minutes: quality.py, 2000 steps, MAE N / MAE 2N / AutoMAE / AutoMAE (self) /
 #                                     # box prior, 1 seed
 #
@@ -20,7 +21,8 @@
 #   BUDGET (290 s after set-up, default mode: every step's timeout is cut to what is left, later steps skipped),
 #   speed:   SIZES (vit-b16), BATCHES (128 256), STEPS (20), MEMORY=1 (also peak memory, 3 processes per run),
 #            RUN_TIMEOUT (150 s per run)
-#   profile: PROFILE=0 skips it; PROFILE_SIZE (vit-b16), PROFILE_BATCH (128), PROFILE_STEPS (5), PROFILE_TIMEOUT (90 s)
+#   profile: PROFILE=0 skips it; PROFILE_SIZE (vit-b16), PROFILE_BATCH (128), PROFILE_STEPS (3), PROFILE_TIMEOUT (90 s);
+#            it runs last, on what is left of BUDGET
 #   loop:    LOOP=0 skips it; LOOP_ARMS (mae live cached), LOOP_IMAGES (2048), LOOP_SOURCE_SIZE (256),
 #            LOOP_IMAGE_SIZE (224), LOOP_BATCH (128), LOOP_STEPS (48), LOOP_LOGGING_STEPS (8), LOOP_WORKERS (12),
 #            LOOP_CONFIG (config overrides; empty: ViT-B/16 with the 512 x 8 decoder), LOOP_SPEED_SIZE (the speed.py
@@ -106,19 +108,6 @@ for size in ${SIZES:-vit-b16}; do
             || echo "speed.py --size $size --batch_size $batch failed or ran over $limit s" | tee -a "$summary"
     done
 done
-
-if [[ "${PROFILE:-1}" == "1" ]]; then
-    echo "== where the cached arm's time goes: benchmarks/profile_step.py (operator calls, host syncs, phases)" \
-        | tee -a "$summary"
-    if limit=$(allowed "${PROFILE_TIMEOUT:-90}"); then
-        timeout "$limit" python benchmarks/profile_step.py --size "${PROFILE_SIZE:-vit-b16}" \
-            --batch_size "${PROFILE_BATCH:-128}" --steps "${PROFILE_STEPS:-5}" --device "$DEVICE" "${precision[@]}" \
-            --compile --output_json "$OUT/profile.json" 2>&1 | grep -v "^USDT" | tee -a "$summary" \
-            || echo "profile_step.py failed or ran over $limit s" | tee -a "$summary"
-    else
-        echo "profile_step.py: skipped, BUDGET spent" | tee -a "$summary"
-    fi
-fi
 
 if [[ "${LOOP:-1}" == "1" ]] && ! allowed 30 >/dev/null; then
     echo "the real loop: skipped, BUDGET spent" | tee -a "$summary"
@@ -214,6 +203,19 @@ if [[ "${LOADER:-1}" == "1" ]]; then
             || echo "loader.py failed or ran over $limit s" | tee -a "$summary"
     else
         echo "loader.py: skipped, BUDGET spent" | tee -a "$summary"
+    fi
+fi
+
+if [[ "${PROFILE:-1}" == "1" ]]; then
+    echo "== where the cached arm's time goes: benchmarks/profile_step.py (operator calls, host syncs, phases)" \
+        | tee -a "$summary"
+    if limit=$(allowed "${PROFILE_TIMEOUT:-90}"); then
+        timeout "$limit" python benchmarks/profile_step.py --size "${PROFILE_SIZE:-vit-b16}" \
+            --batch_size "${PROFILE_BATCH:-128}" --steps "${PROFILE_STEPS:-3}" --device "$DEVICE" "${precision[@]}" \
+            --compile --output_json "$OUT/profile.json" 2>&1 | grep -v "^USDT" | tee -a "$summary" \
+            || echo "profile_step.py failed or ran over $limit s" | tee -a "$summary"
+    else
+        echo "profile_step.py: skipped, BUDGET spent" | tee -a "$summary"
     fi
 fi
 echo "default mode: $SECONDS s after set-up" | tee -a "$summary"
