@@ -1,8 +1,8 @@
 """`training/pretrain.py` under accelerate's FSDP on CPU processes (gloo), for tests.
 
-accelerate turns `distributed_type: FSDP` into plain multi-CPU DDP when there is no GPU, so this launcher lets it
-set up the gloo process group first and then switches its state to FSDP with the plugin the launcher's config
-describes (`FSDP_*` environment variables). Everything after that (wrapping, training, sharded checkpoints, the
+accelerate turns `distributed_type: FSDP` into plain multi-CPU DDP when there is no GPU (docs/pitfalls.md §21), so
+this launcher lets it set up the gloo process group first and then switches its state to FSDP with the plugin the
+launcher's config describes (`FSDP_*` environment variables). Everything after that (wrapping, training, sharded checkpoints, the
 gathered model) is accelerate's and torch's own FSDP code.
 
     accelerate launch --config_file training/accelerate_configs/fsdp.yaml --num_processes 2 --mixed_precision no \

@@ -515,7 +515,7 @@ def prepare_student(accelerator, model, student_optimizer, train_dataloader):
 def student_parameters_gathered(model, every_unit: bool = True):
     """FSDP2 gathers a unit's parameters only in that unit's own forward: calls into the student's parts from outside
     it gather them here and free them after: the root unit (score head, tokens) for D's step, every unit for the
-    student's attention as teacher "self" and for the picture grids. A no-op without FSDP."""
+    student's attention as teacher "self" and for the picture grids. A no-op without FSDP (docs/pitfalls.md §22)."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in (model.modules() if every_unit else [model]) if isinstance(module, FSDPModule)]
@@ -572,7 +572,7 @@ def run_summary(args, config, teacher_mode, completed, total_skipped, effective_
 @contextlib.contextmanager
 def plain_class(model):
     """FSDP2 gives the model a generated subclass; `save_pretrained` would copy torch's FSDP sources next to the
-    model's code. Saves under the model's own class."""
+    model's code. Saves under the model's own class (docs/pitfalls.md §23)."""
     from torch.distributed.fsdp import FSDPModule
 
     original = type(model)
