@@ -127,3 +127,16 @@ def pretrain_in_process(args, capsys) -> str:
     pretraining.main([str(a) for a in args])
     captured = capsys.readouterr()
     return captured.out + captured.err
+
+
+def assert_box_frames_the_bright_square(bright: np.ndarray, box, seed) -> None:
+    """An augmented box (xyxy pixels) and the augmented image's bright-square mask `bright` `[H, W]` agree: the
+    pixels inside the box are bright, none beyond a 2-pixel margin around it is."""
+    x0, y0, x1, y1 = box
+    inside = np.zeros_like(bright)
+    inside[int(np.ceil(y0)) : int(np.floor(y1)), int(np.ceil(x0)) : int(np.floor(x1))] = True
+    margin = np.zeros_like(bright)
+    margin[max(0, int(y0) - 2) : int(np.ceil(y1)) + 2, max(0, int(x0) - 2) : int(np.ceil(x1)) + 2] = True
+    if inside.sum() >= 4:
+        assert bright[inside].mean() > 0.9, seed
+    assert not bright[~margin].any(), seed

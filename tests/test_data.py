@@ -8,6 +8,7 @@ from PIL import Image
 
 from automae_hf.training import data
 from automae_hf.training.data import MapImageDataset, augment, available_backends, resolve_backend
+from conftest import assert_box_frames_the_bright_square
 
 needs_torchvision = pytest.mark.skipif("torchvision" not in available_backends(),
                                        reason="torchvision does not import here: only the fallback is tested")
@@ -70,13 +71,7 @@ def test_boxes_and_map_follow_the_crop_and_flip(backend):
             continue
         flips.add(out["geometry"].flipped)
         x0, y0, x1, y1 = moved[0]
-        inside = np.zeros_like(bright)
-        inside[int(np.ceil(y0)) : int(np.floor(y1)), int(np.ceil(x0)) : int(np.floor(x1))] = True
-        margin = np.zeros_like(bright)
-        margin[max(0, int(y0) - 2) : int(np.ceil(y1)) + 2, max(0, int(x0) - 2) : int(np.ceil(x1)) + 2] = True
-        if inside.sum() >= 4:
-            assert bright[inside].mean() > 0.9, seed
-        assert not bright[~margin].any(), seed
+        assert_box_frames_the_bright_square(bright, (x0, y0, x1, y1), seed)
         # The map's cells (4 x 4 pixels of the output) where the square is: high where the pixels are bright.
         cell_bright = bright.reshape(g, 4, g, 4).mean((1, 3))
         if 0 < cell_bright.mean() < 1:
