@@ -17,7 +17,8 @@
 # folder that is removed at the end; quality's run folders in $QUALITY_DIR (default outputs/quality_gpu), so a second
 # call resumes. Nothing is downloaded: the teacher of the loop is a randomly initialised ViTMAE saved on the spot.
 #
-# Environment: DEVICE (cuda; cpu for a check of the script), SETUP=0 (skip scripts/setup.sh: nothing is installed),
+# Environment: PYTHON (the interpreter: python), DEVICE (cuda; cpu for a check of the script), SETUP=0 (skip
+#   scripts/setup.sh: nothing is installed),
 #   BUDGET (290 s after set-up, default mode: every step's timeout is cut to what is left, later steps skipped),
 #   speed:   SIZES (vit-b16), BATCHES (128 256), STEPS (20), MEMORY=1 (also peak memory, 3 processes per run),
 #            RUN_TIMEOUT (150 s per run)
@@ -35,9 +36,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu}"
 DEVICE="${DEVICE:-cuda}"
+PYTHON="${PYTHON:-python}"
 mode="${1:-speed}"
 mkdir -p "$OUT"
-[[ "${SETUP:-1}" == "0" ]] || bash scripts/setup.sh training >/dev/null
+[[ "${SETUP:-1}" == "0" ]] || PYTHON="$PYTHON" bash scripts/setup.sh training >/dev/null
 SECONDS=0  # BUDGET counts from here
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [[ "$DEVICE" == "cpu" ]]; then
@@ -51,14 +53,14 @@ allowed() {  # a step's timeout: its own cap or what is left of BUDGET, whicheve
     echo $((left < $1 ? left : $1))
 }
 versions() {
-    timeout 60 python -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', \
+    timeout 60 "$PYTHON" -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() \
 if torch.cuda.is_available() else 'no CUDA device', '|', __import__('os').cpu_count(), 'CPU cores')"
 }
 
 if [[ "$mode" == "probe" ]]; then
     versions
-    timeout 120 python benchmarks/speed.py --size tiny --batch_size 8 --steps 2 --warmup 1 --device "$DEVICE" \
+    timeout 120 "$PYTHON" benchmarks/speed.py --size tiny --batch_size 8 --steps 2 --warmup 1 --device "$DEVICE" \
         "${precision[@]}"
     exit
 fi
@@ -78,7 +80,7 @@ if [[ "$mode" == "quality" ]]; then
     status=0
     # quality.py reuses finished runs: a call cut short by QUALITY_TIMEOUT continues where it stopped next time.
     # shellcheck disable=SC2086
-    timeout "${QUALITY_TIMEOUT:-450}" python benchmarks/quality.py --data "$data" --steps "$steps" \
+    timeout "${QUALITY_TIMEOUT:-450}" "$PYTHON" benchmarks/quality.py --data "$data" --steps "$steps" \
         --seeds "${QUALITY_SEEDS:-1}" --workers "${WORKERS:-6}" --output_dir "$runs" \
         --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS:-} 2>&1 \
         | tee -a "$log" || status=$?
@@ -102,7 +104,7 @@ for size in ${SIZES:-vit-b16}; do
     for batch in ${BATCHES:-128 256}; do
         limit=$(allowed "${RUN_TIMEOUT:-150}") || { echo "speed.py --size $size --batch_size $batch: skipped, BUDGET spent" \
             | tee -a "$summary"; continue; }
-        timeout "$limit" python benchmarks/speed.py --size "$size" --batch_size "$batch" \
+        timeout "$limit" "$PYTHON" benchmarks/speed.py --size "$size" --batch_size "$batch" \
             --device "$DEVICE" "${precision[@]}" --steps "${STEPS:-20}" "${memory[@]}" \
             --output_json "$OUT/speed_${size}_bs${batch}.json" 2>&1 | tee -a "$summary" \
             || echo "speed.py --size $size --batch_size $batch failed or ran over $limit s" | tee -a "$summary"
@@ -120,11 +122,11 @@ elif [[ "${LOOP:-1}" == "1" ]]; then
     arms="${LOOP_ARMS:-mae live cached}"
     echo "== the real loop: training/pretrain.py, ${LOOP_STEPS:-48} steps of $batch, ${LOOP_WORKERS:-12} loader workers" \
         | tee -a "$summary"
-    timeout "$(allowed 120 || echo 10)" python benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
+    timeout "$(allowed 120 || echo 10)" "$PYTHON" benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
         --source_size "${LOOP_SOURCE_SIZE:-256}" 2>&1 | tee -a "$summary" || echo "writing the JPEGs failed" | tee -a "$summary"
     if [[ " $arms " == *" live "* || " $arms " == *" cached "* ]]; then
         # A randomly initialised ViTMAE encoder as the teacher: its cost, not its maps, is what the loop measures.
-        timeout "$(allowed 60 || echo 10)" python - "$image_size" "$config" "$scratch/teacher" <<'PY' || true
+        timeout "$(allowed 60 || echo 10)" "$PYTHON" - "$image_size" "$config" "$scratch/teacher" <<'PY' || true
 import sys
 
 from transformers import ViTMAEConfig, ViTMAEModel
@@ -153,14 +155,14 @@ PY
         limit=$(allowed "${LOOP_TIMEOUT:-150}") || { echo "pretrain.py ($arm): skipped, BUDGET spent" \
             | tee -a "$summary"; continue; }
         start=$SECONDS
-        timeout "$limit" python training/pretrain.py "${common[@]}" "${extra[@]}" \
+        timeout "$limit" "$PYTHON" training/pretrain.py "${common[@]}" "${extra[@]}" \
             --output_dir "$scratch/run_$arm" >"$scratch/run_$arm.log" 2>&1 \
             || echo "pretrain.py ($arm) failed or ran over $limit s" | tee -a "$summary"
         echo "$((SECONDS - start))" >"$scratch/run_$arm.seconds"
         { echo "== $arm ($((SECONDS - start)) s)"; tail -n 30 "$scratch/run_$arm.log"; } >>"$OUT/loop.log"
         rm -rf "$scratch/run_$arm/checkpoints"  # the optimizer states of a ViT-B/16 are GBs
     done
-    python - "$scratch" "$OUT/speed_${LOOP_SPEED_SIZE:-vit-b16}_bs${batch}.json" "$OUT/loop.json" "$batch" $arms \
+    "$PYTHON" - "$scratch" "$OUT/speed_${LOOP_SPEED_SIZE:-vit-b16}_bs${batch}.json" "$OUT/loop.json" "$batch" $arms \
         <<'PY' | tee -a "$summary"
 import json
 import statistics
@@ -198,7 +200,7 @@ if [[ "${LOADER:-1}" == "1" ]]; then
     echo "== the input pipeline alone: benchmarks/loader.py" | tee -a "$summary"
     if limit=$(allowed 120); then
         # shellcheck disable=SC2086
-        timeout "$limit" python benchmarks/loader.py ${LOADER_ARGS:---images 512 --workers 1 4} \
+        timeout "$limit" "$PYTHON" benchmarks/loader.py ${LOADER_ARGS:---images 512 --workers 1 4} \
             --output_json "$OUT/loader.json" 2>&1 | tee -a "$summary" \
             || echo "loader.py failed or ran over $limit s" | tee -a "$summary"
     else
@@ -210,7 +212,7 @@ if [[ "${PROFILE:-1}" == "1" ]]; then
     echo "== where the cached arm's time goes: benchmarks/profile_step.py (operator calls, host syncs, phases)" \
         | tee -a "$summary"
     if limit=$(allowed "${PROFILE_TIMEOUT:-90}"); then
-        timeout "$limit" python benchmarks/profile_step.py --size "${PROFILE_SIZE:-vit-b16}" \
+        timeout "$limit" "$PYTHON" benchmarks/profile_step.py --size "${PROFILE_SIZE:-vit-b16}" \
             --batch_size "${PROFILE_BATCH:-128}" --steps "${PROFILE_STEPS:-3}" --device "$DEVICE" "${precision[@]}" \
             --compile --output_json "$OUT/profile.json" 2>&1 | grep -v "^USDT" | tee -a "$summary" \
             || echo "profile_step.py failed or ran over $limit s" | tee -a "$summary"

@@ -117,6 +117,18 @@ def load_weights(folder):
 
 
 
+def path_without_python(folder: Path) -> str:
+    """PATH with `python`, `python3` and `accelerate` shadowed by commands that fail (in `folder`): a subprocess that
+    still reaches for them there, rather than this interpreter (`sys.executable`), fails instead of silently running
+    another environment's Python (or being skipped)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("python", "python3", "accelerate"):
+        fake = folder / name
+        fake.write_text(f"#!/bin/sh\necho '{name} taken from PATH, not sys.executable' >&2\nexit 97\n")
+        fake.chmod(0o755)
+    return os.pathsep.join([str(folder), os.environ.get("PATH", "")])
+
+
 def pretrain_in_process(args, capsys) -> str:
     """`training/pretrain.py ARGS` in this process (no interpreter start-up); returns what it printed."""
     from accelerate.state import AcceleratorState

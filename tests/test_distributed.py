@@ -6,19 +6,17 @@ distributed layouts are compared with each other bit for bit. Slow (several laun
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import ENV, REPO_ROOT, common, load_weights, synthetic_images
+from conftest import ENV, REPO_ROOT, common, load_weights, path_without_python, synthetic_images
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH"),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU process-group tests"),
-]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU process-group tests")
+# `accelerate launch` of this interpreter's accelerate, whatever PATH holds (its workers run sys.executable too).
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
 FSDP_ON_CPU = REPO_ROOT / "tests" / "fsdp_on_cpu.py"  # accelerate's FSDP, which it enables only on accelerators
 FSDP_CONFIG = REPO_ROOT / "training" / "accelerate_configs" / "fsdp.yaml"
@@ -27,11 +25,12 @@ TWO_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "
                  "--dynamo_backend", "no"]
 
 
-def launch(launcher_args, script, args, port, wait=True):
-    command = ["accelerate", "launch", *launcher_args, "--main_process_port", str(port), str(script),
+def launch(launcher_args, script, args, port, path, wait=True):
+    """`accelerate launch` with `path` as PATH (one whose `python` and `accelerate` fail: nothing is taken from it)."""
+    command = [*ACCELERATE_LAUNCH, *launcher_args, "--main_process_port", str(port), str(script),
                *[str(a) for a in args]]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env={**ENV, "PATH": path}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     return finish(process) if wait else process
 
 
@@ -54,6 +53,11 @@ def assert_same_weights(expected: dict, got: dict):
 
 
 @pytest.fixture(scope="module")
+def no_python(tmp_path_factory):
+    return path_without_python(tmp_path_factory.mktemp("no_python"))
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     import datasets
 
@@ -63,12 +67,20 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(data, tmp_path_factory):
+def ddp_run(data, tmp_path_factory, no_python):
     out = tmp_path_factory.mktemp("ddp")
-    log = launch(TWO_PROCESSES, PRETRAIN, run_args(data, out), 29517)
+    log = launch(TWO_PROCESSES, PRETRAIN, run_args(data, out), 29517, no_python)
     return out, log
 
 
+def test_launcher_needs_nothing_on_path(no_python):
+    """The launch command is this interpreter's: it runs where PATH has no (or another) `python` / `accelerate`."""
+    env = {**ENV, "PATH": no_python}
+    result = subprocess.run([*ACCELERATE_LAUNCH, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--num_processes" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.slow  # several launches: run with --runslow
 def test_ddp_ranks_agree_and_d_syncs_once(ddp_run):
     out, log = ddp_run
     assert "2 processes" in log
@@ -81,13 +93,14 @@ def test_ddp_ranks_agree_and_d_syncs_once(ddp_run):
         "D did not train"
 
 
-def test_fsdp_config_trains_like_ddp_and_resumes(data, ddp_run, tmp_path):
+@pytest.mark.slow
+def test_fsdp_config_trains_like_ddp_and_resumes(data, ddp_run, tmp_path, no_python):
     """The shipped fsdp.yaml (FSDP2, full shard per ViTMAELayer): D and the teacher outside the student's unit,
     the same weights as DDP, sharded checkpoints, and a resume that ends where the uninterrupted run did."""
     ddp_out, _ = ddp_run
     fsdp = ["--config_file", FSDP_CONFIG, "--num_processes", "2", "--mixed_precision", "no"]
     out = tmp_path / "fsdp"
-    launch(fsdp, FSDP_ON_CPU, run_args(data, out), 29518)
+    launch(fsdp, FSDP_ON_CPU, run_args(data, out), 29518, no_python)
     assert (out / "checkpoints" / "step_2" / "pytorch_model_fsdp_0").is_dir()  # sharded, as the config asks
     assert_same_weights(load_weights(ddp_out), load_weights(out))
     assert not list(out.glob("_fsdp*.py")), "save_pretrained copied torch's FSDP sources"
@@ -95,17 +108,18 @@ def test_fsdp_config_trains_like_ddp_and_resumes(data, ddp_run, tmp_path):
 
     resumed = tmp_path / "resumed"
     launch(fsdp, FSDP_ON_CPU, run_args(data, resumed, "--resume_from_checkpoint", out / "checkpoints" / "step_2"),
-           29519)
+           29519, no_python)
     assert_same_weights(load_weights(out), load_weights(resumed))
 
 
-def test_two_machines_on_localhost_end_bit_identical(data, ddp_run, tmp_path):
+@pytest.mark.slow
+def test_two_machines_on_localhost_end_bit_identical(data, ddp_run, tmp_path, no_python):
     """`--num_machines 2 --machine_rank R --main_process_ip`: one process per "machine", the same ranks and
     weights as two processes on one machine."""
     ddp_out, _ = ddp_run
     machines = [launch(["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
                         "--main_process_ip", "127.0.0.1", "--mixed_precision", "no", "--dynamo_backend", "no"],
-                       PRETRAIN, run_args(data, tmp_path), 29520, wait=False) for rank in (0, 1)]
+                       PRETRAIN, run_args(data, tmp_path), 29520, no_python, wait=False) for rank in (0, 1)]
     logs = [finish(process) for process in machines]
     assert "2 processes" in logs[0]
     rank0, rank1 = torch.load(tmp_path / "weights_rank0.pt"), torch.load(tmp_path / "weights_rank1.pt")

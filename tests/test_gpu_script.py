@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT, TINY, path_without_python
 
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu.sh"
 MAX_FILES = 8
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def run_script(tmp_path, mode=None, **settings):
-    env = {**os.environ, "DEVICE": "cpu", "SETUP": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+    """gpu.sh with this interpreter as PYTHON, and `python` on PATH one that fails."""
+    env = {**os.environ, "PATH": path_without_python(tmp_path / "no_python"), "PYTHON": sys.executable, "DEVICE": "cpu", "SETUP": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
            "OUT": str(tmp_path / "out"), "QUALITY_DIR": str(tmp_path / "quality_runs"), "PYTHONPATH": str(REPO_ROOT),
            **{key: str(value) for key, value in settings.items()}}
     command = ["bash", str(SCRIPT)] + ([mode] if mode else [])
