@@ -322,7 +322,7 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
         train_f, test_f = train_x.flatten(1), test_x.flatten(1)
     else:
         train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
-    full = evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30)
+    full = evaluate_features(train_f, train_y, test_f, test_y)
     few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
     result = {"knn": full["knn"], "linear": full["linear"], "knn@10": few["knn"], "linear@10": few["linear"]}
     if model_dir is not None and (model_dir / "train_summary.json").exists():  # pretrained (not random init)

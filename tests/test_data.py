@@ -149,3 +149,46 @@ def test_uint8_items_normalised_on_the_device_equal_the_loaders_normalisation(ba
     assert normalised.dtype == torch.float32
     assert torch.equal(normalised, floats["pixel_values"])
     assert normalize_pixels(floats["pixel_values"], mean, std) is floats["pixel_values"]  # already normalised
+
+
+@pytest.fixture()
+def image_folder_root(tmp_path):
+    """An image-folder root: train/ (6 images) and test/ (4), each with one folder per class."""
+    for split, count in (("train", 6), ("test", 4)):
+        for index in range(count):
+            folder = tmp_path / "images" / split / ("dark", "bright")[index % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            smooth_image("L", 20, 16).save(folder / f"{index}.png")
+    return tmp_path / "images"
+
+
+def test_every_command_line_reads_a_folder_by_one_rule(image_folder_root, tmp_path, capsys):
+    """pretrain.py's `load_images` takes an image-folder root as --dataset_name (its train/ split) and one split's
+    folder as --train_dir; a `save_to_disk` folder of the same images reads alike; a folder it cannot read names the
+    layout the flags accept."""
+    import datasets
+
+    from automae_hf.training.data import load_image_dataset, load_images
+    from automae_hf.training.pretraining import build_parser
+
+    parser = build_parser()
+
+    def pretraining_images(*flags):
+        args = parser.parse_args(["--output_dir", str(tmp_path / "out"), *flags])
+        return load_images(args, parser)
+
+    root, _, _ = pretraining_images("--dataset_name", str(image_folder_root))
+    one_split, _, _ = pretraining_images("--train_dir", str(image_folder_root / "train"))
+    test_split, _, _ = pretraining_images("--dataset_name", str(image_folder_root), "--dataset_split", "test")
+    assert (len(root), len(one_split), len(test_split)) == (6, 6, 4)
+    saved = tmp_path / "saved"
+    load_image_dataset(parser, str(image_folder_root)).save_to_disk(str(saved))
+    from_disk, column, _ = pretraining_images("--dataset_name", str(saved))
+    assert len(from_disk) == 6 and column == "image"
+    assert isinstance(load_image_dataset(parser, str(image_folder_root)), datasets.DatasetDict)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        pretraining_images("--dataset_name", str(tmp_path / "empty"))
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and "image-folder root" in error[0] and "--train_dir" in error[0], error

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from automae_hf.training import probes
 from automae_hf.training.probes import (
+    balanced_accuracy,
     evaluate_features,
     extract_features,
     few_shot_indices,
@@ -42,7 +44,42 @@ def test_few_shot_subsets_take_n_per_class_and_depend_on_the_seed():
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert torch.bincount(labels[first]).tolist() == [5, 5, 5, 5]
     result = evaluate_features(*clusters(), *clusters(seed=0), samples_per_class=5, seeds=range(2), probe_epochs=20)
-    assert set(result) == {"knn", "linear"} and result["knn"] > 0.9
+    assert set(result) == {"knn", "linear", "knn_balanced", "linear_balanced", "knn_std", "linear_std",
+                           "samples_per_class", "seeds", "probe_epochs"}
+    assert result["knn"] > 0.9 and result["seeds"] == [0, 1] and result["samples_per_class"] == 5
+    assert result["probe_epochs"] == 20 and result["knn_std"] >= 0
+
+
+def test_imbalanced_test_classes_get_a_balanced_accuracy_beside_the_plain_one():
+    """90 test images of class 0 and 10 of class 1 that look like class 0: 90% accurate, 50% balanced."""
+    assert balanced_accuracy(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 1])) == 0.75
+    train_x, train_y = clusters(n_per_class=40, classes=2)
+    class_0 = train_x[train_y == 0]
+    test_x = class_0[torch.arange(100) % 40] + 0.01 * torch.randn(100, 16, generator=torch.Generator().manual_seed(3))
+    test_y = (torch.arange(100) >= 90).long()
+    result = evaluate_features(train_x, train_y, test_x, test_y, probe_epochs=10)
+    for probe in ("knn", "linear"):
+        assert result[probe] == pytest.approx(0.9) and result[f"{probe}_balanced"] == pytest.approx(0.5), probe
+    assert result["knn_std"] == 0.0 and result["seeds"] == [0] and result["samples_per_class"] is None
+
+
+def test_command_line_probes_as_the_main_job_and_records_what_it_ran(encoder_and_folders, monkeypatch, capsys):
+    """No flags: the main job's probe settings (30 epochs on all labels; 100 epochs and 3 draws few-shot), and the
+    JSON names them."""
+    epochs_run = []
+    real = probes.linear_probe_predict
+    monkeypatch.setattr(probes, "linear_probe_predict",
+                        lambda *args, **kwargs: epochs_run.append(kwargs["epochs"]) or real(*args, **kwargs))
+    encoder, images = encoder_and_folders
+    for extra, epochs, seeds in (([], [30], [0]), (["--samples_per_class", "2"], [100] * 3, [0, 1, 2])):
+        epochs_run.clear()
+        main(["--model_name_or_path", str(encoder), "--dataset_name", str(images), *extra])
+        printed = capsys.readouterr().out
+        report = json.loads(printed[printed.index("{"):])
+        assert epochs_run == epochs and report["probe_epochs"] == epochs[0] and report["seeds"] == seeds
+        assert report["samples_per_class"] == (2 if extra else None)
+        assert {"knn_balanced", "linear_balanced", "knn_std", "linear_std"} <= set(report)
+    assert (probes.PROBE_EPOCHS, probes.FEW_SHOT_PROBE_EPOCHS, probes.FEW_SHOT_DRAWS) == (30, 100, 3)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -115,7 +152,7 @@ def test_image_folders_and_the_random_init_baseline(encoder_and_folders, capsys)
           str(images / "test"), "--probe_epochs", "5", "--random_init"])
     printed = capsys.readouterr().out
     result = json.loads(printed[printed.index("{"):])
-    assert result["knn"] == 1.0 and set(result["random init"]) == {"knn", "linear"}
+    assert result["knn"] == 1.0 and {"knn", "linear", "knn_balanced"} <= set(result["random init"])
     main(["--model_name_or_path", str(encoder), "--dataset_name", str(images), "--probe_epochs", "5"])  # as folder
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{"):])["knn"] == 1.0

@@ -1,7 +1,7 @@
 """Images for pretraining and finetuning: one decoder (transparency composited on white, as transformers'
 `convert_to_rgb`), MAE's augmentation with the boxes and cached teacher maps that follow it (`torchvision.transforms.v2`
 where torchvision imports, else a PIL/numpy fallback with the same geometry), and HF `datasets` loading (Hub name,
-`save_to_disk` folder, image folder, streaming)."""
+`save_to_disk` folder, image folder, streaming: one rule for every command line, `load_image_dataset`)."""
 
 from __future__ import annotations
 
@@ -443,36 +443,69 @@ def find_box_column(args, parser, data, columns) -> str:
                  "name it with --box_column_name")
 
 
-def load_images(args, parser, with_boxes: bool = False):
-    """-> (hf dataset of one split, image column name, box column name or None)."""
+# Files that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write: a folder holding one is a saved data set.
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
+DATA_LAYOUT = ("--dataset_name takes a Hub data set id, a `save_to_disk` folder, or an image-folder root (split "
+               "sub-folders train/, test/, ... holding one folder per class); --train_dir takes one split's image "
+               "folder (one folder per class)")
+
+
+def load_image_dataset(parser, dataset_name=None, train_dir=None, eval_dir=None, train_split="train",
+                       eval_split=None, dataset_config_name=None, cache_dir=None, streaming=False):
+    """The one rule every command line reads its images by (`DATA_LAYOUT`) -> a `DatasetDict` (an
+    `IterableDatasetDict` with `streaming`), keyed by split.
+
+    - `dataset_name`, a folder holding `dataset_dict.json` or `state.json`: `datasets.load_from_disk` (a single saved
+      `Dataset` becomes the `train_split`);
+    - `dataset_name`, any other folder: an image-folder root, `load_dataset("imagefolder", data_dir=...)`: split
+      sub-folders as `datasets` names them (train/, test/, validation/, ...; none: everything is "train"), the class
+      of an image the name of the folder it lies in;
+    - `dataset_name`, anything else: a Hub data set (`dataset_config_name`);
+    - `train_dir` (and `eval_dir`): one image folder per split, stored as `train_split` (and `eval_split`).
+    A wrong argument ends in a one-line `parser.error` that names the flag."""
     import datasets
 
-    if args.dataset_name is None and args.train_dir is None:
-        parser.error("give --dataset_name (Hub name or save_to_disk folder) or --train_dir (image folder)")
+    if dataset_name is None and train_dir is None:
+        parser.error(f"give --dataset_name or --train_dir: {DATA_LAYOUT}")
     try:
-        if args.train_dir is not None:
-            if not os.path.isdir(args.train_dir):
-                parser.error(f"--train_dir {args.train_dir!r} is not an existing folder")
-            data = datasets.load_dataset("imagefolder", data_dir=args.train_dir, cache_dir=args.cache_dir,
-                                         streaming=args.streaming)
-        elif os.path.isdir(args.dataset_name):
-            data = datasets.load_from_disk(args.dataset_name)
-            if args.streaming:
-                data = (data.to_iterable_dataset() if isinstance(data, datasets.Dataset)
-                        else datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in data.items()}))
-        elif os.path.sep in args.dataset_name and (args.dataset_name.startswith((".", "/", "~"))):
-            parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
-        else:
-            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
-                                         streaming=args.streaming)
+        if train_dir is not None:
+            folders = {train_split: train_dir, **({eval_split: eval_dir} if eval_dir is not None else {})}
+            for split, folder in folders.items():
+                if not os.path.isdir(folder):
+                    flag = "--train_dir" if split == train_split else "--eval_dir"
+                    parser.error(f"{flag} {folder!r} is not an existing folder")
+            files = {split: os.path.join(folder, "**") for split, folder in folders.items()}
+            return datasets.load_dataset("imagefolder", data_files=files, cache_dir=cache_dir, streaming=streaming)
+        folder = os.path.expanduser(dataset_name)
+        if os.path.isdir(folder):
+            if not any(os.path.exists(os.path.join(folder, name)) for name in SAVED_DATASET_FILES):
+                return datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=cache_dir, streaming=streaming)
+            data = datasets.load_from_disk(folder)
+            if isinstance(data, datasets.Dataset):
+                data = datasets.DatasetDict({train_split: data})
+            if streaming:
+                data = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in data.items()})
+            return data
+        if dataset_name.startswith((".", "/", "~")):
+            parser.error(f"--dataset_name {dataset_name!r}: no such folder")
+        return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming)
     except SystemExit:
         raise
-    except Exception as error:  # noqa: BLE001
-        parser.error(f"cannot load the data set ({args.dataset_name or args.train_dir}): {one_line(error)}")
-    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        if args.dataset_split not in data:
-            parser.error(f"--dataset_split {args.dataset_split!r} not in the data set's splits {list(data)}")
-        data = data[args.dataset_split]
+    except Exception as error:  # noqa: BLE001  (a one-line error, never a traceback)
+        parser.error(f"cannot load the data set ({dataset_name or train_dir}): {one_line(error)}. {DATA_LAYOUT}")
+
+
+def load_images(args, parser, with_boxes: bool = False):
+    """-> (hf dataset of one split, image column name, box column name or None), read by `load_image_dataset`'s
+    rule; `--dataset_split` picks the split."""
+    import datasets
+
+    data = load_image_dataset(parser, args.dataset_name, args.train_dir, train_split=args.dataset_split,
+                              dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+                              streaming=args.streaming)
+    if args.dataset_split not in data:
+        parser.error(f"--dataset_split {args.dataset_split!r} not in the data set's splits {list(data)}")
+    data = data[args.dataset_split]
     columns = list(data.column_names or (data.features or {}).keys())
     if args.image_column_name is not None:
         if args.image_column_name not in columns:

@@ -107,9 +107,9 @@ def evaluate(encoders: dict, image_mean: float, image_std: float) -> dict:
         else:
             train_f = extract_features(encoder, (train_x - image_mean) / image_std)
             test_f = extract_features(encoder, (test_x - image_mean) / image_std)
-        results[name] = {
-            "all labels": evaluate_features(train_f, train_y, test_f, test_y, probe_epochs=30),
-            "10 labels/class": evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(3), probe_epochs=100),
+        results[name] = {  # the probes' defaults, which `training/linear_probe.py` shares
+            "all labels": evaluate_features(train_f, train_y, test_f, test_y),
+            "10 labels/class": evaluate_features(train_f, train_y, test_f, test_y, samples_per_class=10),
         }
     return results
 

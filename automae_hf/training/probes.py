@@ -5,10 +5,14 @@ From Python:
     features = extract_features(encoder, pixel_values)             # [N, D], frozen, no grad
     knn_accuracy(train_f, train_y, test_f, test_y)                  # cosine, k=20, T=0.07 (DINO's weighted kNN)
     linear_probe_accuracy(train_f, train_y, test_f, test_y)         # BN(affine=False) + Linear, SGD + cosine
+    evaluate_features(train_f, train_y, test_f, test_y)             # both, with the main job's settings
 
-From the shell, on a data set saved with `save_to_disk` (columns `image`/`img` and `label`/`labels`):
+From the shell (columns `image`/`img` and `label`/`labels`; the data layout: `data.load_image_dataset`):
 
     python training/linear_probe.py --model_name_or_path OUT --dataset_name DATA [--pooling cls] [--samples_per_class 10]
+
+Both use the main job's settings unless told otherwise: the linear probe trains 30 epochs on all labels, 100 epochs
+on a few-shot subset (one or two steps per epoch there), and a few-shot score is the mean of 3 draws.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import decode_image, one_line
+from .data import decode_image, load_image_dataset, one_line
+
+# The main job's probe settings (the README's table), also `training/linear_probe.py`'s defaults.
+PROBE_EPOCHS = 30  # linear probe on all training labels
+FEW_SHOT_PROBE_EPOCHS = 100  # on `samples_per_class` labels per class: about one step per epoch, so more epochs
+FEW_SHOT_DRAWS = 3  # few-shot subsets drawn (seeds 0, 1, 2), scores averaged
 
 
 @torch.no_grad()
@@ -48,45 +57,61 @@ def extract_features(
     return torch.cat(chunks)
 
 
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present in `labels` of the share of each class predicted right (its recall): plain
+    accuracy where the classes are balanced, and no reward for favouring a frequent class where they are not."""
+    recalls = [(predictions[labels == label] == label).float().mean() for label in labels.unique()]
+    return torch.stack(recalls).mean().item()
+
+
 @torch.no_grad()
-def knn_accuracy(
+def knn_predict(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
-    test_labels: torch.Tensor,
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 1024,
-) -> float:
-    """Weighted kNN (DINO): cosine similarity, votes exp(sim / T) from the k nearest training features."""
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Weighted kNN (DINO): cosine similarity, votes exp(sim / T) from the k nearest training features.
+    -> predicted labels `[N_test]`."""
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, len(train))
-    correct = 0
+    predictions = []
     for start in range(0, len(test), chunk_size):
         similarity, index = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
         votes = torch.zeros(len(index), num_classes)
         votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[start : start + chunk_size]).sum().item()
-    return correct / len(test)
+        predictions.append(votes.argmax(1))
+    return torch.cat(predictions)
 
 
-def linear_probe_accuracy(
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k: int = 20, temperature: float = 0.07,
+                 chunk_size: int = 1024) -> float:
+    """`knn_predict`'s accuracy on `test_labels`."""
+    predictions = knn_predict(train_features, train_labels, test_features, k, temperature, chunk_size)
+    return (predictions == test_labels).float().mean().item()
+
+
+def linear_probe_predict(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    epochs: int = 100,
+    epochs: int = PROBE_EPOCHS,
     batch_size: int = 256,
     learning_rate: float = 0.1,
     weight_decay: float = 0.0,
     seed: int = 0,
-) -> float:
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """MAE's linear probe on frozen features: BatchNorm1d(affine=False) then Linear, SGD (momentum 0.9) with a
-    cosine schedule (MAE uses LARS at ImageNet scale; plain SGD is its small-batch equivalent)."""
+    cosine schedule (MAE uses LARS at ImageNet scale; plain SGD is its small-batch equivalent).
+    -> predicted labels `[N_test]`."""
     generator = torch.Generator().manual_seed(seed)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = num_classes or int(train_labels.max()) + 1
     torch.manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm1d(train_features.shape[1], affine=False), nn.Linear(train_features.shape[1], num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01)
@@ -109,7 +134,15 @@ def linear_probe_accuracy(
             scheduler.step()
     head.eval()
     with torch.no_grad():
-        predictions = head(test_features.float()).argmax(1)
+        return head(test_features.float()).argmax(1)
+
+
+def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, epochs: int = PROBE_EPOCHS,
+                          batch_size: int = 256, learning_rate: float = 0.1, weight_decay: float = 0.0,
+                          seed: int = 0) -> float:
+    """`linear_probe_predict`'s accuracy on `test_labels`."""
+    predictions = linear_probe_predict(train_features, train_labels, test_features, epochs, batch_size,
+                                       learning_rate, weight_decay, seed)
     return (predictions == test_labels).float().mean().item()
 
 
@@ -123,17 +156,37 @@ def few_shot_indices(labels: torch.Tensor, samples_per_class: int, seed: int = 0
     return torch.cat(chosen).sort().values
 
 
-def evaluate_features(train_f, train_y, test_f, test_y, samples_per_class=None, seeds=(0,), probe_epochs=100):
-    """kNN and linear-probe accuracy (mean over seeds when a few-shot subset is drawn)."""
-    results = {"knn": [], "linear": []}
-    for seed in seeds if samples_per_class else (0,):
+def evaluate_features(train_f, train_y, test_f, test_y, samples_per_class=None, seeds=None, probe_epochs=None) -> dict:
+    """kNN and linear-probe scores of frozen features `[N, D]` with labels `[N]`.
+
+    With `samples_per_class`, on that many training labels per class, one subset per seed (default: the main job's
+    `FEW_SHOT_DRAWS`); `probe_epochs` defaults to the main job's (`PROBE_EPOCHS`, `FEW_SHOT_PROBE_EPOCHS`).
+    -> {"knn", "linear": accuracy, "knn_balanced", "linear_balanced": balanced accuracy (`balanced_accuracy`), means
+    over the draws; "knn_std", "linear_std": their accuracies' standard deviation over the draws (0 for one);
+    "samples_per_class", "seeds", "probe_epochs": what was run}."""
+    if samples_per_class:
+        seeds = list(range(FEW_SHOT_DRAWS) if seeds is None else seeds)
+        probe_epochs = FEW_SHOT_PROBE_EPOCHS if probe_epochs is None else probe_epochs
+    else:
+        seeds, probe_epochs = [0], PROBE_EPOCHS if probe_epochs is None else probe_epochs
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    scores = {"knn": [], "linear": [], "knn_balanced": [], "linear_balanced": []}
+    for seed in seeds:
         index = few_shot_indices(train_y, samples_per_class, seed) if samples_per_class else slice(None)
         f, y = train_f[index], train_y[index]
-        results["knn"].append(knn_accuracy(f, y, test_f, test_y, k=min(20, len(f))))
-        results["linear"].append(
-            linear_probe_accuracy(f, y, test_f, test_y, epochs=probe_epochs, batch_size=min(256, len(f)), seed=seed)
-        )
-    return {name: float(np.mean(values)) for name, values in results.items()}
+        predictions = {
+            "knn": knn_predict(f, y, test_f, k=min(20, len(f)), num_classes=num_classes),
+            "linear": linear_probe_predict(f, y, test_f, epochs=probe_epochs, batch_size=min(256, len(f)), seed=seed,
+                                           num_classes=num_classes),
+        }
+        for name, predicted in predictions.items():
+            scores[name].append((predicted == test_y).float().mean().item())
+            scores[f"{name}_balanced"].append(balanced_accuracy(predicted, test_y))
+    result = {name: float(np.mean(values)) for name, values in scores.items()}
+    for name in ("knn", "linear"):
+        result[f"{name}_std"] = float(np.std(scores[name], ddof=1)) if len(seeds) > 1 else 0.0
+    return {**result, "samples_per_class": samples_per_class, "seeds": [int(seed) for seed in seeds],
+            "probe_epochs": probe_epochs}
 
 
 # ---- command line --------------------------------------------------------------------------------------------------
@@ -146,45 +199,14 @@ def _load_split(dataset, image_column, label_column, processor, num_channels):
     return pixel_values[:, :num_channels], torch.tensor(dataset[label_column])
 
 
-def load_probe_data(args, parser):
-    """-> a DatasetDict with the train and evaluation splits: `--train_dir` / `--eval_dir` image folders, a
-    `save_to_disk` folder, an image folder given as `--dataset_name`, or a Hub data set."""
-    import os
-
-    import datasets
-
-    try:
-        if args.train_dir:
-            for folder in (args.train_dir, args.eval_dir):
-                if folder and not os.path.isdir(folder):
-                    parser.error(f"{folder!r} is not an existing folder")
-            if not args.eval_dir:
-                parser.error("--train_dir needs --eval_dir, the image folder of the evaluation split")
-            files = {args.train_split: os.path.join(args.train_dir, "**"), args.eval_split: os.path.join(args.eval_dir, "**")}
-            return datasets.load_dataset("imagefolder", data_files=files)
-        if not args.dataset_name:
-            parser.error("give --dataset_name (save_to_disk folder, image folder or Hub name) or --train_dir/--eval_dir")
-        if os.path.isdir(args.dataset_name):
-            saved = any(os.path.exists(os.path.join(args.dataset_name, name))
-                        for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
-            if saved:
-                return datasets.load_from_disk(args.dataset_name)
-            return datasets.load_dataset("imagefolder", data_dir=args.dataset_name)  # split sub-folders: train/, test/
-        if args.dataset_name.startswith((".", "/", "~")):
-            parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
-        return datasets.load_dataset(args.dataset_name)
-    except SystemExit:
-        raise
-    except Exception as error:  # noqa: BLE001  (a one-line error, never a traceback)
-        parser.error(f"cannot load the data set ({args.dataset_name or args.train_dir}): {one_line(error)}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="An AutoMAE / ViT checkpoint folder or Hub id.")
     parser.add_argument("--dataset_name", default=None,
-                        help="A `save_to_disk` folder, an image folder with split sub-folders, or a Hub data set name.")
-    parser.add_argument("--train_dir", default=None, help="Image folder of the training split (class = sub-folder).")
+                        help="A Hub data set id, a `save_to_disk` folder (e.g. the main job's outputs/default/data), or "
+                             "an image-folder root with split sub-folders (train/, test/, each one folder per class).")
+    parser.add_argument("--dataset_config_name", default=None, help="Configuration name of the Hub data set.")
+    parser.add_argument("--train_dir", default=None, help="Image folder of the training split (one folder per class).")
     parser.add_argument("--eval_dir", default=None, help="Image folder of the evaluation split (with --train_dir).")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="test")
@@ -192,8 +214,11 @@ def main(argv=None) -> None:
     parser.add_argument("--label_column_name", default=None)
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
     parser.add_argument("--samples_per_class", type=int, default=None, help="Few-shot probe with N labels per class.")
-    parser.add_argument("--seeds", type=int, default=1, help="Few-shot draws to average.")
-    parser.add_argument("--probe_epochs", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=FEW_SHOT_DRAWS,
+                        help="Few-shot draws (seeds 0..N-1) to average, as the main job (default %(default)s).")
+    parser.add_argument("--probe_epochs", type=int, default=None,
+                        help=f"Linear-probe epochs; default the main job's: {PROBE_EPOCHS} on all labels, "
+                             f"{FEW_SHOT_PROBE_EPOCHS} with --samples_per_class.")
     parser.add_argument("--random_init", action="store_true",
                         help="Also probe the same architecture randomly initialised: the baseline a probe is read against.")
     args = parser.parse_args(argv)
@@ -202,7 +227,10 @@ def main(argv=None) -> None:
 
     import automae_hf  # noqa: F401  (registers the AutoMAE classes)
 
-    data = load_probe_data(args, parser)
+    if args.train_dir is not None and args.eval_dir is None:
+        parser.error("--train_dir needs --eval_dir, the image folder of the evaluation split")
+    data = load_image_dataset(parser, args.dataset_name, args.train_dir, args.eval_dir, args.train_split,
+                              args.eval_split, args.dataset_config_name)
     for split in (args.train_split, args.eval_split):
         if split not in data:
             parser.error(f"split {split!r} not in the data set's splits {list(data)} (--train_split / --eval_split)")
@@ -227,7 +255,7 @@ def main(argv=None) -> None:
         features = {split: (extract_features(encoder, pixel_values, pooling=args.pooling, progress=True), labels)
                     for split, (pixel_values, labels) in pixels.items()}
         result = evaluate_features(*features[args.train_split], *features[args.eval_split], args.samples_per_class,
-                                   range(args.seeds), args.probe_epochs)
+                                   range(args.seeds) if args.samples_per_class else None, args.probe_epochs)
         report.update(result) if name == "encoder" else report.update({name: result})
     print(json.dumps(report, indent=2))
 
