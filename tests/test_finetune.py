@@ -183,6 +183,13 @@ def test_bad_values_end_in_one_error_line(flags, message, capsys):
     assert len(errors) == 1 and message in errors[0], errors
 
 
+@pytest.mark.parametrize("flags, steps_of_100", [([], 10), (["--warmup_steps", "0"], 0), (["--warmup_steps", "5"], 5),
+                                                  (["--warmup_ratio", "0.2"], 20), (["--warmup_steps", "0.3"], 30)])
+def test_warmup_steps_zero_means_no_warmup(flags, steps_of_100):
+    args = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o", *flags])[3]
+    assert args.get_warmup_steps(100) == steps_of_100
+
+
 def test_arguments_from_a_json_file(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"model_name_or_path": "m", "output_dir": "o", "layer_decay": 0.5, "report_to": "none"}))
@@ -315,7 +322,8 @@ def test_finetune_fixed_schedule_keeps_last_weights_without_checkpoints(encoders
     assert results["selected_on_reported_split"] is False and "model_selection_split" not in results
     assert not list(tmp_path.glob("checkpoint-*"))
     state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert [entry for entry in state["log_history"] if "eval_accuracy" in entry] == [state["log_history"][-1]]
+    assert [entry for entry in state["log_history"] if "eval_accuracy" in entry] == [state["log_history"][-2]]
+    assert "test_accuracy" in state["log_history"][-1]  # then the test split, evaluated once
 
 
 def test_few_shot_defaults_train_the_whole_schedule(encoders, data, tmp_path):
@@ -334,11 +342,26 @@ def test_few_shot_defaults_train_the_whole_schedule(encoders, data, tmp_path):
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
 
 
-def test_selection_on_the_reported_split_is_warned_and_recorded(encoders, data, tmp_path, caplog):
+def test_without_a_validation_split_selection_uses_held_out_train_and_test_is_only_reported(encoders, data, tmp_path,
+                                                                                             caplog):
     with caplog.at_level(logging.WARNING, logger="automae.finetune"):
         results = run(encoders["automae"], data["test_only"], tmp_path, "--max_steps", 2,
                       "--per_device_train_batch_size", 12)
+    assert results["eval_split"] == results["model_selection_split"] == "train (held out)"
+    assert results["selected_on_reported_split"] is False
+    assert (results["train_samples"], results["eval_samples"]) == (32, 4)  # 10% of the 36 training images held out
+    assert (results["test_split"], results["test_samples"]) == ("test", 6) and 0 <= results["test_accuracy"] <= 1
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "automae.finetune"]
+    card = (tmp_path / "README.md").read_text()
+    assert "best checkpoint on 'train (held out)'" in card and "test_accuracy" in card
+
+
+def test_selection_on_the_reported_split_is_warned_and_recorded(encoders, data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="automae.finetune"):
+        results = run(encoders["automae"], data["test_only"], tmp_path, "--max_steps", 2,
+                      "--per_device_train_batch_size", 12, "--validation_split", "test")
     assert results["eval_split"] == "test" and results["model_selection_split"] == "test"
+    assert "test_accuracy" not in results  # the test split is the evaluation split
     assert results["selected_on_reported_split"] is True
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "automae.finetune"]
     assert len(warnings) == 1 and "'test' split, the same split the final accuracy is reported on" in warnings[0]

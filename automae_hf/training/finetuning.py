@@ -36,6 +36,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ logger = logging.getLogger("automae.finetune")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class", "target", "category")
 # Split names that mean "held back for model selection"; any other evaluation split (test, ...) is a reported split.
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+# A split of this name, when it is not the evaluation split, is evaluated once at the end (test_accuracy).
+TEST_SPLIT_NAME = "test"
 # Fewer optimizer steps than this per epoch: evaluate every few epochs instead (a few-shot epoch is 1-2 steps).
 MIN_STEPS_BETWEEN_EVALUATIONS = 10
 # What `Trainer.push_to_hub` leaves out of the upload; the dry run lists the same files.
@@ -86,9 +89,11 @@ class DataArguments:
         "help": "Image folder for evaluation (with --train_dir)."})
     train_split: str = field(default="train", metadata={"help": "Training split."})
     validation_split: str | None = field(default=None, metadata={
-        "help": "Evaluation split; default the first of validation/valid/val/test, else a held-out part of train."})
+        "help": "Evaluation split (model selection, early stopping); default the first of "
+                f"{'/'.join(VALIDATION_SPLIT_NAMES)}, else a held-out part of train. A '{TEST_SPLIT_NAME}' split "
+                "that is not this one is evaluated once at the end."})
     validation_split_percentage: float = field(default=10.0, metadata={
-        "help": "Share of train held out for evaluation when the data set has no evaluation split."})
+        "help": "Share of train held out for evaluation when the data set has no validation split."})
     image_column_name: str | None = field(default=None, metadata={
         "help": f"Detected among {IMAGE_COLUMN_CANDIDATES} when unset."})
     label_column_name: str | None = field(default=None, metadata={
@@ -139,6 +144,9 @@ class FinetuningArguments(TrainingArguments):
         "aliases": ["--revision"], "help": "Branch to push to, created when missing (old spelling: --revision)."})
     layer_decay: float = field(default=0.75, metadata={
         "help": "lr x layer_decay^(depth from the top), in (0, 1]; 1: the same lr everywhere."})
+    warmup_steps: float | None = field(default=None, metadata={
+        "help": "Warm-up optimizer steps (0: none; a float in (0, 1): a share of the schedule); default: "
+                "--warmup_ratio."})
     warmup_ratio: float = field(default=0.1, metadata={
         "help": "Share of the optimizer steps spent warming up, in [0, 1); ignored when --warmup_steps is given."})
     early_stopping_patience: int = field(default=5, metadata={
@@ -158,7 +166,7 @@ class FinetuningArguments(TrainingArguments):
             raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.early_stopping_patience < 0:
             raise ValueError(f"--early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
-        if self.warmup_steps == 0:
+        if self.warmup_steps is None:  # not given (an explicit 0 means no warm-up)
             self.warmup_steps = self.warmup_ratio  # a float below 1 is a share of the schedule for the Trainer
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
@@ -216,8 +224,23 @@ def parse_arguments(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-def load_splits(args: DataArguments, parser, seed: int, cache_dir=None):
-    """-> (train, eval, image column, label column, label names, evaluation split name)."""
+class Splits(NamedTuple):
+    """What `load_splits` chose: `evaluation` selects the checkpoint and stops early; `test` (None when absent or
+    when it is the evaluation split) is only evaluated at the end."""
+
+    train: object
+    evaluation: object
+    test: object
+    image_column: str
+    label_column: str
+    names: list
+    eval_split: str
+    test_split: str | None
+
+
+def load_splits(args: DataArguments, parser, seed: int, cache_dir=None) -> Splits:
+    """The training, evaluation and test splits. Evaluation: `--validation_split`, else the first validation-named
+    split, else `--validation_split_percentage` % of train held out (never the test split unless asked for)."""
     import datasets
 
     if args.dataset_name is None and args.train_dir is None:
@@ -246,7 +269,7 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None):
     if args.train_split not in data:
         parser.error(f"--train_split {args.train_split!r} not in the data set's splits {list(data)}")
     train = data[args.train_split]
-    eval_split = args.validation_split or next((s for s in ("validation", "valid", "val", "test") if s in data), None)
+    eval_split = args.validation_split or next((s for s in VALIDATION_SPLIT_NAMES if s in data), None)
     if args.validation_split and args.validation_split not in data:
         parser.error(f"--validation_split {args.validation_split!r} not in the data set's splits {list(data)}")
 
@@ -260,12 +283,19 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None):
         label_column = label_column or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
     if label_column is None or label_column not in columns:
         parser.error(f"no label column {args.label_column_name or ''} among {columns}; name it with --label_column_name")
+    test_split = TEST_SPLIT_NAME if TEST_SPLIT_NAME in data and TEST_SPLIT_NAME != eval_split else None
+    if test_split and (label_column not in data[test_split].column_names or not len(data[test_split])
+                       or {-1, None} & set(data[test_split][label_column])):  # -1: ClassLabel's "no label"
+        logger.warning("The %r split is empty or lacks labels: it is not evaluated", test_split)
+        test_split = None
+    used = [s for s in dict.fromkeys((args.train_split, eval_split, test_split)) if s is not None]
+    data = datasets.DatasetDict({s: data[s] for s in used})  # the label mapping below touches these only
 
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
     else:  # strings or integers: classes in sorted order
-        values = set(train[label_column]) | (set(data[eval_split][label_column]) if eval_split else set())
+        values = set().union(*(data[s][label_column] for s in used))
         names = [str(v) for v in sorted(values)]
         index = {v: i for i, v in enumerate(sorted(values))}
         data = data.map(lambda e: {label_column: index[e[label_column]]}, desc="label ids")
@@ -281,15 +311,20 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None):
         train = few_shot(train, label_column, args.train_samples_per_class, seed)
     if args.max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    test = data[test_split] if test_split else None
     if args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    if isinstance(train.features[image_column], datasets.Image):  # decode in the workers (corrupt -> clear error)
-        train = train.cast_column(image_column, datasets.Image(decode=False))
-    if isinstance(evaluation.features[image_column], datasets.Image):
-        evaluation = evaluation.cast_column(image_column, datasets.Image(decode=False))
+        test = test.select(range(min(args.max_eval_samples, len(test)))) if test is not None else None
+
+    def undecoded(split):  # decode in the workers (corrupt -> clear error)
+        if split is not None and isinstance(split.features[image_column], datasets.Image):
+            return split.cast_column(image_column, datasets.Image(decode=False))
+        return split
+
+    train, evaluation, test = undecoded(train), undecoded(evaluation), undecoded(test)
     if len(train) == 0 or len(evaluation) == 0:
         parser.error("the training or evaluation set is empty")
-    return train, evaluation, image_column, label_column, names, eval_split
+    return Splits(train, evaluation, test, image_column, label_column, names, eval_split, test_split)
 
 
 def few_shot(dataset, label_column: str, per_class: int, seed: int):
@@ -594,8 +629,9 @@ def main(argv=None):
     push = training_args.push_to_hub and not training_args.dry_run
     training_args.push_to_hub = push  # a dry run must not create the repository either
     set_seed(training_args.seed)  # the new head's initialisation
-    train, evaluation, image_column, label_column, names, eval_split = load_splits(
-        data_args, parser, training_args.seed, model_args.cache_dir)
+    splits = load_splits(data_args, parser, training_args.seed, model_args.cache_dir)
+    train, evaluation, image_column, label_column, names, eval_split = (
+        splits.train, splits.evaluation, splits.image_column, splits.label_column, splits.names, splits.eval_split)
     model = load_model(model_args, parser, names)
     check_optimizer(training_args, model, parser)
     config = model.config
@@ -664,6 +700,10 @@ def main(argv=None):
     train_result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     metrics = {**train_result.metrics, **trainer.evaluate()}
+    if splits.test is not None:  # the selected weights, on a split no choice was made on
+        test_ds = ClassificationImages(splits.test, image_column, label_column, size, mean, std, mode, False, seed)
+        metrics.update(trainer.evaluate(test_ds, metric_key_prefix="test"), test_split=splits.test_split,
+                       test_samples=len(splits.test))
     metrics.update(
         eval_split=eval_split, train_samples=len(train), eval_samples=len(evaluation), accuracy_source=metric_source,
         best_checkpoint=state.best_model_checkpoint if training_args.load_best_model_at_end else None,
@@ -679,6 +719,7 @@ def main(argv=None):
     settings = [("base model", model_args.model_name_or_path),
                 ("data set", data_args.dataset_name or data_args.train_dir), ("classes", len(names)),
                 ("train / eval images", f"{len(train)} / {len(evaluation)}"),
+                ("test images (reported only)", f"{len(splits.test)} ({splits.test_split!r})" if splits.test else "none"),
                 ("few-shot (per class)", data_args.train_samples_per_class or "all"),
                 ("epochs run", f"{metrics.get('epoch', '—')}"),
                 ("optimizer steps", f"{state.global_step} of {state.max_steps}"),
@@ -692,7 +733,8 @@ def main(argv=None):
                                base_model=model_args.model_name_or_path, results=metrics,
                                license=training_args.license, extra_settings=[(k, str(v)) for k, v in settings])
     if trainer.is_world_process_zero():
-        print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "output_dir": training_args.output_dir}))
+        print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
+                          "output_dir": training_args.output_dir}))
     if not push:
         trainer.save_model()  # the best checkpoint (load_best_model_at_end), else the last weights
         trainer.create_model_card()
