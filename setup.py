@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["automae_hf", "automae_hf.*"]),
+    package_data={"automae_hf": ["model_cards/*.md"]},  # the card templates export / finetune / push write from
     python_requires=">=3.10",
     install_requires=[
         # torch >= 2.4: fused AdamW on CPU and GPU. scripts/setup.sh installs 2.13.0 only where no torch is present.

@@ -1,7 +1,7 @@
 """Model cards (README.md) for pretraining checkpoints, exported encoders and finetuned models.
 
-Templates live in `model_cards/` (jinja, rendered by `huggingface_hub.ModelCard.from_template`); this module fills
-them from what a run left in its folder (`config.json`, `train_summary.json`, `train_log.jsonl`, `all_results.json`)
+Templates live in `automae_hf/model_cards/` (package data, so a wheel install has them; jinja, rendered by
+`huggingface_hub.ModelCard.from_template`); this module fills them from what a run left in its folder (`config.json`, `train_summary.json`, `train_log.jsonl`, `all_results.json`)
 plus what the caller knows (data set, base model, results). The YAML header is built with `ModelCardData` /
 `EvalResult`, so it is what the Hub expects (`library_name`, `pipeline_tag`, `tags`, `datasets`, `license`,
 `base_model`, `model-index`).
@@ -11,12 +11,13 @@ plus what the caller knows (data set, base model, results). The YAML header is b
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATES = importlib.resources.files("automae_hf") / "model_cards"  # package data: found in a wheel install too
 KINDS = ("pretraining", "encoder", "finetuned")
 PIPELINE_TAGS = {"pretraining": None, "encoder": "image-feature-extraction", "finetuned": "image-classification"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -206,7 +207,8 @@ def build_card(
     )
     if kind == "finetuned" and extra_settings is None:
         variables["settings_table"] = "| — | — |"
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATES / f"{kind}.md"), **variables)
+    with importlib.resources.as_file(TEMPLATES / f"{kind}.md") as template_path:
+        return ModelCard.from_template(card_data, template_path=str(template_path), **variables)
 
 
 def write_card(kind: str, folder, **kwargs) -> Path:
