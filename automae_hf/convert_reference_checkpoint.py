@@ -694,11 +694,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        checkpoint = load_checkpoint_file(args.checkpoint, "checkpoint")  # loaded here to say where D came from
+        if args.discriminator is not None:
+            discriminator_source = f"converted from {args.discriminator}"
+        elif _combined_discriminator(checkpoint) is not None:
+            discriminator_source = "converted from the checkpoint's 'discriminator' entry"
+        else:
+            discriminator_source = "initialised"
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _print_warning
             model = convert_checkpoint(
-                args.checkpoint,
+                checkpoint,
                 args.output_dir,
                 discriminator=args.discriminator,
                 teacher_checkpoint=args.teacher_checkpoint,
@@ -717,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({config.num_attention_heads} heads), decoder {config.decoder_num_hidden_layers}x"
         f"{config.decoder_hidden_size} ({config.decoder_num_attention_heads} heads), image {config.image_size}, "
         f"patch {config.patch_size}, teacher {'converted' if args.teacher_checkpoint else 'not saved'}, "
-        f"discriminator {'converted' if args.discriminator else 'initialised'}"
+        f"discriminator {discriminator_source}"
     )
     return 0
 

@@ -401,6 +401,20 @@ def test_discriminator_is_found_inside_a_combined_checkpoint(tmp_path):
             torch.testing.assert_close(model.discriminator.eval()(probs), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_cli_says_where_the_discriminator_came_from(tmp_path, capsys):
+    combined = {"model": make_reference_state_dict(), "discriminator": make_reference_discriminator().state_dict()}
+    torch.save(combined, tmp_path / "combined.pth")
+    torch.save({"model": make_reference_state_dict()}, tmp_path / "student.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("combined", "student"):
+            assert main(["--checkpoint", str(tmp_path / f"{name}.pth"), "--output_dir", str(tmp_path / name),
+                         *HEAD_FLAGS]) == 0
+    combined_line, student_line = [line for line in capsys.readouterr().out.splitlines() if "discriminator" in line]
+    assert combined_line.endswith("discriminator converted from the checkpoint's 'discriminator' entry")
+    assert student_line.endswith("discriminator initialised")
+
+
 class _RunsCode:
     def __reduce__(self):  # a REDUCE of a blocked module's function, refused by weights_only
         import os
