@@ -251,3 +251,45 @@ def test_visualize_a_teacher_free_checkpoint_draws_the_students_own_attention(tm
         np.testing.assert_allclose(pictures["teacher_attention"], own, atol=1e-5)
     [written] = visualization.save_mask_pictures(folder, [transparent_png(tmp_path / "t.png")], tmp_path / "out")
     assert Image.open(written).width == 6 * 32 * 4 + 5 * 2 * 4
+
+
+@pytest.mark.parametrize("fmt", ["automae", "vit"])
+def test_visualize_refuses_an_exported_encoder(checkpoint, tmp_path, fmt, capsys):
+    from automae_hf.training.export import export_encoder
+
+    encoder = export_encoder(str(checkpoint), tmp_path / "encoder", fmt)
+    with pytest.raises(SystemExit) as exit_info:
+        visualization.main(["--model_name_or_path", str(encoder), "--images", str(transparent_png(tmp_path / "t.png")),
+                            "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and not list((tmp_path / "out").glob("*.png"))
+    assert "has no decoder / score head / teacher weights" in capsys.readouterr().err
+
+
+def test_visualize_refuses_a_random_teacher_unless_asked_for_the_students_own(tmp_path):
+    from transformers import ViTImageProcessor
+
+    model = tiny_model()
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("mask_generator.teacher.")}
+    model.save_pretrained(tmp_path / "no_teacher", state_dict=weights)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "no_teacher")
+    image = transparent_png(tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"has no teacher weights .*--teacher self"):
+        visualization.save_mask_pictures(tmp_path / "no_teacher", [image], tmp_path / "out")
+    assert visualization.save_mask_pictures(tmp_path / "no_teacher", [image], tmp_path / "out", teacher="self")
+
+
+def test_visualize_draws_from_a_saved_data_set(checkpoint, tmp_path, capsys):
+    import datasets
+
+    images = [Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)) for i in range(4)]
+    split = datasets.Dataset.from_dict({"picture": images}, features=datasets.Features({"picture": datasets.Image()}))
+    datasets.DatasetDict({"train": split, "test": split.select(range(3))}).save_to_disk(str(tmp_path / "data"))
+    common = ["--model_name_or_path", str(checkpoint), "--dataset_name", str(tmp_path / "data")]
+    visualization.main([*common, "--num_images", "2", "--output_dir", str(tmp_path / "a")])
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["test_00000.png", "test_00001.png"]
+    visualization.main([*common, "--dataset_split", "train", "--image_column_name", "picture", "--output_dir",
+                        str(tmp_path / "b")])
+    assert len(list((tmp_path / "b").glob("train_*.png"))) == 4  # fewer images than --num_images' default 8
+    with pytest.raises(SystemExit):
+        visualization.main([*common, "--dataset_split", "val", "--output_dir", str(tmp_path / "c")])
+    assert "--dataset_split 'val' not in the data set's splits ['train', 'test']" in capsys.readouterr().err
