@@ -112,6 +112,10 @@ def batch(count: int = 3):
     return torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def without_scale(title: str) -> str:
+    return title.split(" (scale")[0]
+
+
 def dark_pixels(image: Image.Image) -> int:
     return int((np.asarray(image.convert("L")) < 100).sum())
 
@@ -127,14 +131,31 @@ def test_learned_columns_show_softmax_of_mask_logits_not_the_gumbel_sample():
     assert not np.allclose(pictures["mask_probs"], pictures["learned_p"], atol=1e-3)  # the sample is another thing
     np.testing.assert_allclose(pictures["teacher_attention"], output.teacher_attention[:2].mean(1).numpy(), atol=1e-6)
     columns = pics.picture_columns(pictures, "learned")
-    assert [c.title for c in columns] == LEARNED_TITLES
+    assert [without_scale(c.title) for c in columns] == LEARNED_TITLES
     assert all(c.tiles.shape == (2, 32, 32, 3) and c.tiles.dtype == np.uint8 for c in columns)
     learned = {c.key: c for c in columns}["learned_p"].tiles
-    expected = pics.to_uint8(pics.upsample(pics.heatmap(p[1]), (32, 32)))
+    expected = pics.to_uint8(pics.upsample(pics.heatmap(p[1], 0.0, float(p.max())), (32, 32)))  # one scale, 2 rows
     np.testing.assert_array_equal(learned[1], expected)
     mask = {c.key: c for c in columns}["mask"].tiles
     masked = np.kron(output.mask[0].view(8, 8).numpy(), np.ones((4, 4))).astype(bool)
     assert (mask[0][masked] == 0).all() and (mask[0][~masked] == 255).all()  # black = masked
+
+
+def test_a_uniform_p_is_drawn_flat_on_one_absolute_scale():
+    uniform = np.full((8, 8), 1 / 64, np.float32)
+    centred = uniform.copy()  # a centred square holding a little more: L1 distance 0.001 to uniform
+    centred[2:6, 2:6] += 0.0005 / 16
+    centred[~np.pad(np.ones((4, 4), bool), 2)] -= 0.0005 / 48
+    peaked = np.full((8, 8), 0.5 / 63, np.float32)
+    peaked[0, 0] = 0.5
+    flat = np.zeros((3, 32, 32, 3), np.float32)
+    pictures = {"image": flat, "reconstruction": flat, "mask": np.zeros((3, 8, 8), np.float32),
+                "learned_p": np.stack([uniform, centred, peaked])}
+    [column] = [c for c in pics.picture_columns(pictures, "learned") if c.key == "learned_p"]
+    assert column.title == "learned p = softmax(mask_logits) (scale 0 to 0.5; uniform 0.016)"
+    for tile in column.tiles[:2]:  # flat (within 2 of 255 levels), and dark next to the peaked row's 0.5
+        assert np.ptp(tile.reshape(-1, 3).astype(int), axis=0).max() <= 2 and tile.mean() < 0.1 * 255
+    assert (column.tiles[2, :4, :4] == 255).all()  # the peak is white
 
 
 @pytest.mark.parametrize("masking,keys", [
@@ -214,7 +235,7 @@ def test_visualize_draws_the_teacher_column_of_the_teacher_pretraining_used(chec
     np.testing.assert_allclose(by_self["teacher_attention"], own, atol=1e-5)
     np.testing.assert_allclose(by_checkpoint["teacher_attention"], teacher, atol=1e-5)
     columns = visualization.picture_columns(by_self, "learned", prediction=True)
-    assert [c.title for c in columns] == LEARNED_TITLES + ["prediction (every patch)"]
+    assert [without_scale(c.title) for c in columns] == LEARNED_TITLES + ["prediction (every patch)"]
 
     image = tmp_path / "t.png"
     transparent_png(image)

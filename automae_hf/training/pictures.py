@@ -96,9 +96,11 @@ def picture_arrays(model, pixel_values: torch.Tensor, output, mean, std, max_ima
 
 
 # ---- tiles -------------------------------------------------------------------------------------------------------
-def heatmap(values: np.ndarray) -> np.ndarray:
-    """`[..., h, w]` -> `[..., h, w, 3]` in [0, 1], black -> red -> yellow -> white, scaled to the map's own range."""
-    lo, hi = float(values.min()), float(values.max())
+def heatmap(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """`[..., h, w]` -> `[..., h, w, 3]` in [0, 1], black (`low`) -> red -> yellow -> white (`high`); the bounds
+    default to the map's own min and max."""
+    lo = float(values.min()) if low is None else low
+    hi = float(values.max()) if high is None else high
     t = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     return np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=-1)
 
@@ -139,7 +141,8 @@ def picture_columns(pictures: dict, masking: str = "learned", boxes=None, predic
     - random:    image | mask | reconstruction
 
     then, with `prediction`, the decoder's prediction for every patch. The mask is white where visible, black where
-    masked; heatmaps go black -> red -> yellow -> white, each scaled to its own range.
+    masked; heatmaps go black -> red -> yellow -> white on one absolute scale per column, 0 to the column's maximum
+    (named in its title, with the uniform value 1/L for p), so a flat map looks flat and the rows compare.
 
     Args:
         pictures: `picture_arrays`' dict.
@@ -150,6 +153,10 @@ def picture_columns(pictures: dict, masking: str = "learned", boxes=None, predic
 
     def maps(values, colour):
         return np.stack([to_uint8(upsample(colour(v), size)) for v in values])
+
+    def absolute_heatmaps(values):  # why: a per-tile min-max stretch draws noise around a uniform map as structure
+        top = float(values.max())
+        return maps(values, lambda v: heatmap(v, 0.0, top)), top
 
     tiles = np.stack([to_uint8(t) for t in image])
     title = "image"
@@ -162,16 +169,19 @@ def picture_columns(pictures: dict, masking: str = "learned", boxes=None, predic
         tiles = maps(pictures["box_patches"], lambda v: v)
         columns.append(Column("box_patches", "box patches (white = inside)", tiles))
     if pictures.get("teacher_attention") is not None:
-        tiles = maps(pictures["teacher_attention"], heatmap)
+        tiles, top = absolute_heatmaps(pictures["teacher_attention"])
         title = "teacher attention (mean over heads)"
         if masking == "attention":  # which patches the attention chose, over the attention itself
             masked = np.stack([upsample(m, size) > 0.5 for m in pictures["mask"]])
             tinted = tiles.astype(np.float32) * 0.3 + MASK_TINT * 255
             tiles = np.where(masked, tinted, tiles).round().astype(np.uint8)
             title += ", masked tinted blue"
-        columns.append(Column("teacher_attention", title, tiles))
+        columns.append(Column("teacher_attention", f"{title} (scale 0 to {top:.2g})", tiles))
     if pictures.get("learned_p") is not None:
-        columns.append(Column("learned_p", "learned p = softmax(mask_logits)", maps(pictures["learned_p"], heatmap)))
+        tiles, top = absolute_heatmaps(pictures["learned_p"])
+        uniform = 1.0 / pictures["learned_p"][0].size
+        columns.append(Column("learned_p", f"learned p = softmax(mask_logits) (scale 0 to {top:.2g}; uniform "
+                                           f"{uniform:.2g})", tiles))
     columns.append(Column("mask", "sampled mask (black = masked)", maps(1.0 - pictures["mask"], lambda v: v)))
     columns.append(Column("reconstruction", "reconstruction (visible patches pasted back)",
                           np.stack([to_uint8(t) for t in pictures["reconstruction"]])))
@@ -186,11 +196,12 @@ def legend_lines(columns: list[Column]) -> list[list]:
     keys = {column.key for column in columns}
     lines = [["sampled", "mask:", ("swatch", (0, 0, 0)), "masked,", ("swatch", (255, 255, 255)), "visible."]]
     if keys & {"teacher_attention", "learned_p"}:
-        lines.append(["heatmaps:", "low", ("bar",), "high,", "each", "tile", "scaled", "to", "its", "own", "min-max."])
+        lines.append(["heatmaps:", "0", ("bar",), "the", "column's", "maximum", "(in", "its", "title),", "one",
+                      "scale", "for", "every", "row."])
     if "learned_p" in keys:
         lines.append("learned p: the score head's distribution over patches; its Gumbel-Softmax sample picks the "
                      "top-K whose masking noise is raised.".split())
-    if any(column.title.endswith("tinted blue") for column in columns):
+    if any("tinted blue" in column.title for column in columns):
         lines.append(["attention", "masking:", ("swatch", tuple(int(v) for v in MASK_TINT * 255)), "tint", "=",
                       "a", "masked", "patch."])
     if "box_patches" in keys:
