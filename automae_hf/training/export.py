@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
-from .model_card import hub_id, read_run_metadata, write_card
+from .model_card import dataset_label, hub_id, public_name, read_run_metadata, write_card
 
 logger = logging.getLogger("automae.export")
 
@@ -189,7 +189,7 @@ def export_encoder(
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if pretraining_metadata is not None and dataset_name:
         pretraining_metadata["summary"].setdefault("dataset_name", dataset_name)
-    card_metadata = {"dataset": dataset_name, "base_model": hub_id(model_name_or_path) or Path(model_name_or_path).name,
+    card_metadata = {"dataset": dataset_label(dataset_name), "base_model": public_name(model_name_or_path),
                      "format": export_format,
                      "pooling": encoder.config.pooling}
     (output_dir / "card_metadata.json").write_text(json.dumps(card_metadata, indent=2))

@@ -46,6 +46,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 
 from .data import IMAGE_COLUMN_CANDIDATES, EpochDataset, decode_image, one_line, random_resized_crop_box
 from .hub import push_folder
+from .model_card import dataset_label, public_name
 
 logger = logging.getLogger("automae.finetune")
 
@@ -565,7 +566,8 @@ def accuracy_metric():
         metric = evaluate.load("accuracy", download_config=DownloadConfig(local_files_only=constants.HF_HUB_OFFLINE))
         return lambda predictions, references: metric.compute(predictions=predictions, references=references), "evaluate"
     except Exception as error:  # noqa: BLE001
-        logger.info("evaluate.load('accuracy') unavailable (%s): computing accuracy with numpy", one_line(error)[:120])
+        logger.info("Computing accuracy with numpy, the same number: evaluate.load('accuracy') is unavailable. %s",
+                    one_line(error))  # whole: a cut message hides why
         return (lambda predictions, references: {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))},
                 "numpy")
 
@@ -716,8 +718,8 @@ def main(argv=None):
 
     selection = (f"best checkpoint on {eval_split!r}" + (" (the reported split)" if on_reported_split else "")
                  if selecting else "none (last weights)")
-    settings = [("base model", model_args.model_name_or_path),
-                ("data set", data_args.dataset_name or data_args.train_dir), ("classes", len(names)),
+    settings = [("base model", public_name(model_args.model_name_or_path)),  # no local paths on the card
+                ("data set", dataset_label(data_args.dataset_name, run_recorded=True)), ("classes", len(names)),
                 ("train / eval images", f"{len(train)} / {len(evaluation)}"),
                 ("test images (reported only)", f"{len(splits.test)} ({splits.test_split!r})" if splits.test else "none"),
                 ("few-shot (per class)", data_args.train_samples_per_class or "all"),

@@ -30,6 +30,26 @@ def hub_id(value) -> str | None:
     return value
 
 
+LOCAL_DATA_SET = "a local data set"
+
+
+def public_name(value) -> str | None:
+    """A name fit for public metadata: a Hub id as it is, a local folder as "local folder <its last component>"
+    (never a path); None for nothing."""
+    if not value:
+        return None
+    return hub_id(value) or f"local folder {Path(str(value)).name}"
+
+
+def dataset_label(value, run_recorded: bool = False) -> str | None:
+    """The data set a card names: a Hub id, else LOCAL_DATA_SET for a local one (a folder, `--train_dir`). A
+    pretraining summary records Hub ids only, so `run_recorded` with no value also means a local data set; None:
+    unknown."""
+    if value:
+        return hub_id(value) or LOCAL_DATA_SET
+    return LOCAL_DATA_SET if run_recorded else None
+
+
 def read_run_metadata(folder) -> dict:
     """What a run folder says about itself: config, train summary, last logged step, results (any may be absent)."""
     folder = Path(folder)
@@ -64,16 +84,18 @@ def _fmt(value) -> str:
 def pretraining_settings(metadata: dict, dataset: str | None = None) -> list[tuple[str, str]]:
     """Rows of the settings table: data set, steps, geometry, mask settings, teacher."""
     config, summary = metadata.get("config", {}), metadata.get("summary", {})
-    dataset = dataset or summary.get("dataset_name") or metadata.get("card_metadata", {}).get("dataset")
+    dataset = dataset_label(dataset or summary.get("dataset_name") or metadata.get("card_metadata", {}).get("dataset"),
+                            run_recorded=bool(summary))
     masking = config.get("masking", "learned")
     teacher = summary.get("teacher")
     if masking == "random":
         teacher_text = "none (random masking, plain MAE)"
     elif masking == "box_prior":
         teacher_text = "none (boxes of the data set raise the masking noise)"
-    else:
-        teacher_text = config.get("teacher_name_or_path") or {"self": "self (the student's own attention)"}.get(
-            teacher, teacher or "—")
+    elif teacher == "self" or config.get("teacher_name_or_path") == "self":
+        teacher_text = "self (the student's own attention)"
+    else:  # config.json may hold a local path; the summary already holds a public name
+        teacher_text = public_name(config.get("teacher_name_or_path")) or summary.get("teacher_name_or_path") or "—"
     rows = [
         ("data set", dataset or "—"),
         ("optimizer steps", summary.get("final_step", (metadata.get("last_log") or {}).get("step"))),
@@ -138,23 +160,24 @@ def build_card(
     repo_id = repo_id or folder.name
     model_name = repo_id.split("/")[-1]
     dataset_id = hub_id(dataset_name)
-    # A local folder is named by its last component only (no machine paths in public metadata).
-    dataset_label = dataset_id or (Path(dataset_name).name if dataset_name else "local data set")
+    dataset_text = dataset_label(dataset_name, run_recorded=True)  # no machine paths in public metadata
     is_vit = config.get("model_type") == "vit"
     tags = ["automae", "masked-autoencoder", "vision", "vit"]
     tags.append({"pretraining": "pretraining", "encoder": "feature-extraction", "finetuned": "image-classification"}[kind])
     eval_results = None
     results = results if results is not None else metadata.get("results")
     if kind == "finetuned" and results and "eval_accuracy" in results:
+        # The test split, when finetuning evaluated one, is the split no checkpoint was chosen on.
+        prefix, default_split = ("test", "test") if "test_accuracy" in results else ("eval", "validation")
         eval_results = [EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset_id or "imagefolder",
-            dataset_name=dataset_label,
-            dataset_split=results.get("eval_split", "validation"),
+            dataset_name=dataset_text,
+            dataset_split=results.get(f"{prefix}_split", default_split),
             metric_type="accuracy",
             metric_name="Accuracy",
-            metric_value=float(results["eval_accuracy"]),
+            metric_value=float(results[f"{prefix}_accuracy"]),
         )]
     card_data = ModelCardData(
         library_name="transformers",
@@ -197,11 +220,14 @@ def build_card(
                              "`AutoMAEModel` with its module files and full `auto_map` (trust_remote_code, or "
                              "`import automae_hf`); also loads into `ViTModel`"),
         image_size=config.get("image_size"),
+        channel_handling=("one channel: give it grayscale images (`image.convert(\"L\")`); it does not convert "
+                          "colour ones" if config.get("num_channels") == 1 else "convert grayscale to RGB"),
         pooling=pooling,
         pooling_description=("the mean of the patch tokens (`last_hidden_state[:, 1:].mean(1)`)" if pooling == "mean"
                              else "the CLS token (`last_hidden_state[:, 0]`)"),
-        base_description=f"`{base_model}`" if base_model else "an AutoMAE encoder",
-        dataset_description=f"`{dataset_label}`",
+        base_description=(f"`{hub_id(base_model)}`" if hub_id(base_model) else
+                          f"an AutoMAE encoder ({public_name(base_model)})" if base_model else "an AutoMAE encoder"),
+        dataset_description=f"`{dataset_id}`" if dataset_id else dataset_text,
         results_table=results_table(results),
         trust_remote_code_arg=trust,
     )

@@ -53,7 +53,7 @@ from .data import (
     one_line,
 )
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
-from .model_card import hub_id
+from .model_card import hub_id, public_name
 from .pictures import save_image_grid
 
 logger = logging.getLogger("automae.pretrain")
@@ -560,9 +560,9 @@ def noise_seed(seed: int, rank: int, micro_batch: int) -> int:
 
 def run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column) -> dict:
     """What the run folder says about itself (`train_summary.json`): Hub ids only, never local paths."""
-    teacher = args.teacher_name_or_path if teacher_mode == "teacher" else teacher_mode
+    teacher = (args.teacher_name_or_path or config.teacher_name_or_path) if teacher_mode == "teacher" else teacher_mode
     return {"final_step": completed, "skipped_images": total_skipped, "teacher": teacher_mode,
-            "teacher_name_or_path": hub_id(teacher) or (teacher if teacher_mode != "teacher" else None),
+            "teacher_name_or_path": public_name(teacher) if teacher_mode == "teacher" else teacher,  # as config.json
             "dataset_name": hub_id(args.dataset_name), "dataset_config_name": args.dataset_config_name,
             "effective_batch_size": effective_batch, "learning_rate": lr, "mask_ratio": config.mask_ratio,
             "mask_factor": config.mask_factor, "masking": config.masking,
