@@ -19,8 +19,12 @@ garment (a patch is garment when at least half its pixels are non-zero) against 
 `--ablation` runs the knobs one at a time away from the reference AutoMAE instead: gumbel_tau
 (0.5, 0.3), box_prior_alpha (2, 3), adversarial_weight (0, 0.05, 1), mask_factor (0.25, 1), the teacher (MAE 2N
 instead of MAE N; teacher-free is "AutoMAE (self)") and, beyond the reference's knobs, gumbel_noise_scale (0.1, 0:
-how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Finished runs are reused (`model.safetensors`,
-`probes_seed*.json`, `finetune10_seed*`), so a killed benchmark resumes and the two modes share MAE N / AutoMAE.
+how much the Gumbel noise, rather than the learned scores, decides the top-K); probes only. Runs go to
+OUTPUT_DIR/{data}_N{steps}/seed{S}/{arm}. A finished pretraining run is reused only when the arguments it saved are
+the ones asked for now (`default_job.plan_pretraining_run`; a killed one is resumed, another run in its folder refused
+unless --overwrite_output_dir), and its probe and finetuning scores with it, cached under names that carry their own
+settings (`probes_seed{S}_train{images}.json`, `finetune10_seed{S}_epochs{E}`), so a killed benchmark resumes and the
+two modes share MAE N / AutoMAE.
 
     python benchmarks/quality.py --quick            # 1 seed, 20 steps, probes on 2k images: a smoke test (~4 min)
     python benchmarks/quality.py                    # 3 seeds, 300 steps on the embedded 10k subset (2 cores, 48 min:
@@ -47,7 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from automae_hf.training.default_job import MODEL  # the main job's tiny ViT
+from automae_hf.training.default_job import MODEL, plan_pretraining_run  # the main job's tiny ViT
 from automae_hf.training.probes import evaluate_features, extract_features
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -142,14 +146,17 @@ def threads_per_worker(workers: int) -> int | None:
 
 
 def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str], overrides: str = "",
-             threads: int | None = None) -> float:
-    if (output_dir / "model.safetensors").exists():  # finished earlier: reuse (a killed benchmark resumes)
-        return float(json.loads((output_dir / "seconds.json").read_text())["seconds"])
-    command = [sys.executable, str(ROOT / "training" / "pretrain.py"), "--dataset_name", str(data),
-               "--output_dir", str(output_dir), "--config_overrides", MODEL + overrides, "--norm_pix_loss",
-               "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
-               "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
-               "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
+             threads: int | None = None, overwrite: bool = False, teacher_retrained: bool = False) -> float | None:
+    """One arm through `training/pretrain.py` -> its wall seconds, or None where a finished run with these arguments
+    was reused."""
+    arguments = ["--dataset_name", str(data), "--output_dir", str(output_dir), "--config_overrides", MODEL + overrides,
+                 "--norm_pix_loss", "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
+                 "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
+                 "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
+    plan = plan_pretraining_run(arguments, overwrite, teacher_retrained)
+    if plan is None:  # finished earlier with these arguments (a killed benchmark resumes)
+        return None
+    command = [sys.executable, str(ROOT / "training" / "pretrain.py"), *arguments, *plan]
     start = time.perf_counter()
     run_quietly(command, threads, hide_stderr=False)
     seconds = time.perf_counter() - start
@@ -186,8 +193,10 @@ def arm_folder(arm: str) -> str:
     return arm.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
 
 
-def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, seeds: int, workers: int) -> dict:
-    """Trains every (seed, arm), teachers (MAE N, MAE 2N) first; `workers` runs side by side, 1 thread each when > 1.
+def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, seeds: int, workers: int,
+                  overwrite: bool = False) -> dict:
+    """Trains every (seed, arm), teachers (MAE N, MAE 2N) first, an arm again where its teacher was; `workers` runs
+    side by side, 1 thread each when > 1.
 
     Returns {arm: [seconds per seed]}.
     """
@@ -195,13 +204,20 @@ def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, see
 
     threads = threads_per_worker(workers)
     seconds: dict[str, dict[int, float]] = {}
+    trained: set[tuple[int, str]] = set()  # (seed, arm) trained by this call, not reused
 
     def run(job):
         seed, arm = job
         extra, overrides, multiplier = arm_arguments(arm, output_dir / f"seed{seed}")
         print(f"seed {seed}: {arm} ({multiplier * steps} steps)", flush=True)
         run_dir = output_dir / f"seed{seed}" / arm_folder(arm)
-        seconds.setdefault(arm, {})[seed] = pretrain(data, run_dir, multiplier * steps, seed, extra, overrides, threads)
+        teacher_retrained = (seed, TEACHER_OF.get(arm)) in trained
+        spent = pretrain(data, run_dir, multiplier * steps, seed, extra, overrides, threads, overwrite, teacher_retrained)
+        if spent is None:
+            spent = float(json.loads((run_dir / "seconds.json").read_text())["seconds"])
+        else:
+            trained.add((seed, arm))
+        seconds.setdefault(arm, {})[seed] = spent
 
     teachers = [arm for arm in ("MAE N", "MAE 2N") if arm in arms or any(TEACHER_OF.get(a) == arm for a in arms)]
     with ThreadPoolExecutor(workers) as pool:
@@ -284,8 +300,8 @@ def build_classification_dataset(arrays: dict, target: Path) -> Path:
 def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10, threads: int | None = None,
                       epochs: int = 40) -> float:
     """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection on
-    the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}`."""
-    output = model_dir / f"finetune{per_class}_seed{seed}"
+    the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}_epochs{epochs}`."""
+    output = model_dir / f"finetune{per_class}_seed{seed}_epochs{epochs}"
     results = output / "all_results.json"
     if not results.exists():
         command = [sys.executable, str(ROOT / "training" / "finetune.py"), "--model_name_or_path", str(model_dir),
@@ -314,8 +330,9 @@ def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
 
 def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, mean: float, std: float) -> dict:
     """kNN and linear probes (all labels; 10 per class, 3 draws) and foreground focus of one encoder, cached in
-    `model_dir/probes_seed{seed}.json`; `model_dir=None`: raw pixels."""
-    cache = model_dir / f"probes_seed{seed}.json" if model_dir is not None else None
+    `model_dir/probes_seed{seed}_train{N}.json` (N training images: --quick probes fewer); `model_dir=None`: raw
+    pixels."""
+    cache = model_dir / f"probes_seed{seed}_train{len(train_x)}.json" if model_dir is not None else None
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
     if model_dir is None:
@@ -350,6 +367,8 @@ def main(argv=None) -> None:
                         help="skip few-shot finetuning (default: on, except with --ablation)")
     parser.add_argument("--data", choices=["subset", "debian"], default="subset")
     parser.add_argument("--output_dir", default="outputs/quality")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="train an arm again where its folder holds a run with other arguments (default: refused)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = 20, 1
@@ -380,7 +399,7 @@ def main(argv=None) -> None:
     finetune_epochs = 4 if args.quick else 40
 
     start = time.perf_counter()
-    seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers)
+    seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers, args.overwrite_output_dir)
     metric_names = ("kNN", "linear", "kNN@10", "linear@10") + (("finetune@10",) if args.finetune else ())
     encoders = {seed: {"raw pixels": None, "random init": output_dir / f"seed{seed}" / "random_init",
                        **{arm: output_dir / f"seed{seed}" / arm_folder(arm) for arm in arms}}

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 def run_script(tmp_path, mode=None, **settings):
     """gpu.sh with this interpreter as PYTHON, and `python` on PATH one that fails."""
-    env = {**os.environ, "PATH": path_without_python(tmp_path / "no_python"), "PYTHON": sys.executable, "DEVICE": "cpu", "SETUP": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+    env = {**os.environ, "PATH": path_without_python(tmp_path / "no_python"), "PYTHON": sys.executable,
+           "DEVICE": "cpu", "SETUP": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
            "OUT": str(tmp_path / "out"), "QUALITY_DIR": str(tmp_path / "quality_runs"), "PYTHONPATH": str(REPO_ROOT),
            **{key: str(value) for key, value in settings.items()}}
     command = ["bash", str(SCRIPT)] + ([mode] if mode else [])

@@ -6,7 +6,12 @@ Offline, CPU, about 5 minutes on 2 cores. The reference recipe at toy scale, eac
 Then frozen-feature kNN and linear-probe accuracies on the held-out test images, for both encoders beside raw pixels
 and a randomly initialised encoder, with the full label set and with 10 labels per class; and the picture grid.
 
-    python training/default_job.py [--steps 500] [--output_dir outputs/default]
+    python training/default_job.py [--steps 500] [--output_dir outputs/default] [--overwrite_output_dir]
+
+The data set goes to OUTPUT_DIR/data, a run to a folder named by its arguments (OUTPUT_DIR/steps500; other values of
+--batch_size / --seed add _batchB / _seedS), so runs of other arguments sit side by side. An arm whose folder holds
+the run these arguments ask for is reused when finished and resumed when killed (`plan_pretraining_run`); a folder
+holding another run is refused unless --overwrite_output_dir.
 """
 
 from __future__ import annotations
@@ -51,9 +56,54 @@ def build_dataset(output_dir: Path) -> Path:
     return target
 
 
-def pretrain(data: Path, output_dir: Path, teacher: str, steps: int, batch_size: int, seed: int) -> float:
-    command = [
-        sys.executable, "-m", "automae_hf.training.pretraining",
+# Resolved by the launcher, not asked for by the command: a run's other saved arguments decide whether it is this one.
+LAUNCHER_ARGUMENTS = ("num_processes", "mixed_precision")
+
+
+def plan_pretraining_run(argv: list[str], overwrite: bool = False, teacher_retrained: bool = False) -> list[str] | None:
+    """What to do with the `training/pretrain.py` run `argv` (its --output_dir among them), from the arguments the
+    folder's run saved (`run_args.json`, `checkpointing.read_run_arguments`):
+    None: the folder holds this run, finished: reuse it;
+    []: nothing there yet: run it;
+    ["--resume_from_checkpoint", "latest"]: this run, killed before its end: continue it;
+    ["--overwrite_output_dir"]: another run (or this one, finished, but `teacher_retrained` since), and `overwrite`.
+    Another run without `overwrite`: SystemExit naming the differing arguments and the flag."""
+    from .checkpointing import differing_arguments, read_run_arguments
+    from .pretraining import build_parser, run_arguments
+
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.output_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return []
+    saved = read_run_arguments(run_dir)
+    expected = run_arguments(args, 1, "no")
+    differing = None if saved is None else [
+        name for name in differing_arguments(saved, expected) if name not in LAUNCHER_ARGUMENTS]
+    if differing == []:
+        if not ((run_dir / "train_summary.json").is_file() and (run_dir / "model.safetensors").is_file()):
+            return ["--resume_from_checkpoint", "latest"]
+        if not teacher_retrained:
+            return None
+        print(f"{run_dir}: its teacher was trained again, so it is too", flush=True)
+        return ["--overwrite_output_dir"]
+    if not overwrite:
+        what = ("a run that saved no arguments (an older version)" if saved is None else "a run with other arguments ("
+                + "; ".join(f"{name} {saved.get(name)!r} there, {expected.get(name)!r} now" for name in differing) + ")")
+        raise SystemExit(f"error: {run_dir} holds {what}: pass --overwrite_output_dir to train it again there, or "
+                         "choose another --output_dir")
+    return ["--overwrite_output_dir"]
+
+
+def run_folder_name(steps: int, batch_size: int, seed: int) -> str:
+    """The job's run folder, named by the arguments it trains with: steps500, steps100_batch64_seed1, ..."""
+    return f"steps{steps}" + (f"_batch{batch_size}" if batch_size != 128 else "") + (f"_seed{seed}" if seed else "")
+
+
+def pretrain(data: Path, output_dir: Path, teacher: str, steps: int, batch_size: int, seed: int,
+             overwrite: bool = False, teacher_retrained: bool = False) -> float | None:
+    """One arm through `training/pretrain.py` (a subprocess) -> its wall seconds, or None where a finished run with
+    these arguments was reused."""
+    arguments = [
         "--dataset_name", str(data),
         "--output_dir", str(output_dir),
         "--config_overrides", MODEL,
@@ -68,10 +118,13 @@ def pretrain(data: Path, output_dir: Path, teacher: str, steps: int, batch_size:
         "--dataloader_num_workers", "1",
         "--seed", str(seed),
     ]
-    if (output_dir / "checkpoints").is_dir():  # a killed run continues where it stopped
-        command += ["--resume_from_checkpoint", "latest"]
+    plan = plan_pretraining_run(arguments, overwrite, teacher_retrained)
+    if plan is None:
+        print(f"      reusing the finished run in {output_dir}", flush=True)
+        return None
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    subprocess.run([sys.executable, "-m", "automae_hf.training.pretraining", *arguments, *plan], check=True,
+                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     return time.perf_counter() - start
 
 
@@ -114,23 +167,31 @@ def evaluate(encoders: dict, image_mean: float, image_std: float) -> dict:
     return results
 
 
+def seconds_or_reused(seconds: float | None) -> float | str:
+    return "reused" if seconds is None else round(seconds, 1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/default")
+    parser.add_argument("--output_dir", default="outputs/default",
+                        help="the data set goes to OUTPUT_DIR/data, the run to OUTPUT_DIR/steps{N}[_batch{B}][_seed{S}]")
     parser.add_argument("--steps", type=int, default=500, help="pretraining steps of each arm")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="train an arm again where its folder holds a run with other arguments (default: refused)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     start = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    data = build_dataset(output_dir)
+    data = build_dataset(Path(args.output_dir))
+    output_dir = Path(args.output_dir) / run_folder_name(args.steps, args.batch_size, args.seed)
     mae_dir, automae_dir = output_dir / "mae", output_dir / "automae"
     print(f"[1/3] MAE, random masks, {args.steps} steps -> {mae_dir}", flush=True)
-    mae_seconds = pretrain(data, mae_dir, "none", args.steps, args.batch_size, args.seed)
+    mae_seconds = pretrain(data, mae_dir, "none", args.steps, args.batch_size, args.seed, args.overwrite_output_dir)
     print(f"[2/3] AutoMAE, teacher = that MAE, {args.steps} steps -> {automae_dir}", flush=True)
-    automae_seconds = pretrain(data, automae_dir, str(mae_dir), args.steps, args.batch_size, args.seed)
+    automae_seconds = pretrain(data, automae_dir, str(mae_dir), args.steps, args.batch_size, args.seed,
+                               args.overwrite_output_dir, teacher_retrained=mae_seconds is not None)
 
     print("[3/3] frozen-feature kNN and linear probe on the 2,000 test images", flush=True)
     from transformers import AutoImageProcessor
@@ -159,17 +220,18 @@ def main(argv=None) -> None:
             f"{name:22s} {100 * full['knn']:7.2f} {100 * full['linear']:7.2f} {100 * few['knn']:7.2f} {100 * few['linear']:7.2f}"
         )
     table = "\n".join(lines)
-    grids = sorted((automae_dir / "images").glob("*.png"))
+    picture = automae_dir / "images" / f"step_{args.steps:07d}.png"  # the grid of the run's last step
     mask_learning = last_mask_statistics(automae_dir)
     summary = {
         "steps_per_arm": args.steps,
         "batch_size": args.batch_size,
-        "seconds": {"mae": round(mae_seconds, 1), "automae": round(automae_seconds, 1),
+        "seed": args.seed,
+        "seconds": {"mae": seconds_or_reused(mae_seconds), "automae": seconds_or_reused(automae_seconds),
                     "total": round(time.perf_counter() - start, 1)},
         "accuracy": results,
         "mask_learning": mask_learning,
         "checkpoint": str(automae_dir),
-        "picture": str(grids[-1]) if grids else None,
+        "picture": str(picture) if picture.is_file() else None,
     }
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -187,7 +249,9 @@ def main(argv=None) -> None:
     print(f"MAE baseline:         {mae_dir}")
     print(f"picture grid:         {summary['picture']}  (image | teacher attention | mask probability | mask | reconstruction)")
     print(f"results:              {output_dir / 'results.json'}")
-    print(f"wall time:            {summary['seconds']['total']:.0f} s (MAE {mae_seconds:.0f} s, AutoMAE {automae_seconds:.0f} s)")
+    arms = ", ".join(f"{name} {'reused' if seconds is None else f'{seconds:.0f} s'}"
+                     for name, seconds in (("MAE", mae_seconds), ("AutoMAE", automae_seconds)))
+    print(f"wall time:            {summary['seconds']['total']:.0f} s ({arms})")
 
 
 if __name__ == "__main__":
