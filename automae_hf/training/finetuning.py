@@ -721,7 +721,8 @@ def main(argv=None):
     settings = [("base model", public_name(model_args.model_name_or_path)),  # no local paths on the card
                 ("data set", dataset_label(data_args.dataset_name, run_recorded=True)), ("classes", len(names)),
                 ("train / eval images", f"{len(train)} / {len(evaluation)}"),
-                ("test images (reported only)", f"{len(splits.test)} ({splits.test_split!r})" if splits.test else "none"),
+                ("test images (reported only)",
+                 f"{len(splits.test)} ({splits.test_split!r})" if splits.test is not None else "none"),
                 ("few-shot (per class)", data_args.train_samples_per_class or "all"),
                 ("epochs run", f"{metrics.get('epoch', '—')}"),
                 ("optimizer steps", f"{state.global_step} of {state.max_steps}"),

@@ -1,8 +1,9 @@
 """Model cards (README.md) for pretraining checkpoints, exported encoders and finetuned models.
 
 Templates live in `automae_hf/model_cards/` (package data, so a wheel install has them; jinja, rendered by
-`huggingface_hub.ModelCard.from_template`); this module fills them from what a run left in its folder (`config.json`, `train_summary.json`, `train_log.jsonl`, `all_results.json`)
-plus what the caller knows (data set, base model, results). The YAML header is built with `ModelCardData` /
+`huggingface_hub.ModelCard.from_template`); this module fills them from what a run left in its folder
+(`config.json`, `train_summary.json`, `train_log.jsonl`, `all_results.json`) plus what the caller knows (data set,
+base model, results). Local folders are never named by their path. The YAML header is built with `ModelCardData` /
 `EvalResult`, so it is what the Hub expects (`library_name`, `pipeline_tag`, `tags`, `datasets`, `license`,
 `base_model`, `model-index`).
 
