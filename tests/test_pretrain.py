@@ -54,7 +54,7 @@ def test_run_writes_loadable_model(full_run):
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 7))
     for key in ("loss", "reconstruction_loss", "generator_loss", "d_loss", "d_real_accuracy", "d_fake_accuracy",
-                "mask_entropy", "topk_in_teacher_topk", "lr", "images_per_second", "skipped_images",
+                "d_real_score", "d_fake_score", "mask_entropy", "gumbel_sample_entropy", "topk_in_teacher_topk", "lr", "images_per_second", "skipped_images",
                 "data_wait_ms", "train_step_ms", "loop_other_ms"):
         assert all(key in row for row in logs), key
     assert all(row["train_step_ms"] > 0 and row["data_wait_ms"] >= 0 for row in logs)
@@ -99,6 +99,10 @@ def dinov2_folder(tmp_path_factory):
         (["--teacher_name_or_path", "./no/such/teacher"], "--teacher_name_or_path './no/such/teacher': no such folder"),
         (["--lr_scheduler_type", "cosine_please"], "--lr_scheduler_type must be one of"),
         (["--model_name_or_path", "DINOV2"], "is a 'dinov2' checkpoint; expected one of"),
+        (["--config_overrides", TINY + ",image_size=64"], "--image_size 32 conflicts with image_size=64 in --config_overrides"),
+        (["--masking", "random", "--config_overrides", TINY + ",masking=learned"], "--masking random conflicts with"),
+        (["--image_processor_name", "CLEAN_DATA"], "--image_processor_name"),
+        (["--per_device_train_batch_size", "32"], "smaller than one batch per process (32 x 1)"),
     ],
 )
 def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, dinov2_folder, capsys, extra, needle):
@@ -106,9 +110,9 @@ def test_bad_inputs_exit_with_one_line_error(data_dir, tmp_path, dinov2_folder, 
     from automae_hf.training import pretraining
 
     args = [str(a) for a in common(data_dir / "clean", tmp_path, 2)]
-    extra = [str(dinov2_folder) if value == "DINOV2" else value for value in extra]
+    extra = [{"DINOV2": str(dinov2_folder), "CLEAN_DATA": str(data_dir / "clean")}.get(value, value) for value in extra]
     for flag in ("--train_dir", "--config_overrides", "--max_train_steps"):
-        if extra[0] == flag and flag in args:
+        if flag in extra and flag in args:
             i = args.index(flag)
             del args[i : i + 2]
     if extra[0] == "--train_dir":
@@ -178,7 +182,7 @@ def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
     assert worst <= 1e-6, worst
     full_log = [json.loads(line) for line in (full_out / "train_log.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert resumed_log[-1]["step"] == 6
+    assert [row["step"] for row in resumed_log] == list(range(1, 7))  # the killed runs' steps after step 2: dropped
     assert resumed_log[-1]["loss"] == pytest.approx(full_log[-1]["loss"], abs=1e-6)
     assert not partial.exists()
 
@@ -203,16 +207,47 @@ def test_crop_attention_follows_the_image_crop_and_flip():
 
 
 def test_cached_teacher_attention_mode(data_dir, tmp_path):
-    from transformers import ViTMAEConfig, ViTMAEModel
+    """--cache_teacher_attention: the maps the run cached are the live teacher's on the same (resized, normalised)
+    images, as the saved model computes them; 'self' is refused."""
+    import shutil
+
+    import datasets
+    from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEModel
+
+    from automae_hf import AutoMAEForPreTraining
+    from automae_hf.training.data import decode_image
 
     teacher = tmp_path / "teacher"
-    ViTMAEModel(ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8)).save_pretrained(teacher)
+    torch.manual_seed(0)
+    vit = ViTMAEModel(ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, patch_size=8, initializer_range=0.5))
+    vit.embeddings.cls_token.data.normal_()  # initialised to 0, its one-layer CLS attention is uniform: nothing to compare
+    vit.save_pretrained(teacher)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "clean", data)  # its own copy: the cache written next to it is this run's alone
     out = tmp_path / "run"
-    run(common(data_dir / "clean", out, 2, "--teacher_name_or_path", teacher, "--cache_teacher_attention",
-               "--image_log_steps", 2))
+    run(common(data, out, 2, "--teacher_name_or_path", teacher, "--cache_teacher_attention", "--image_log_steps", 2))
     last = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
     assert "d_loss" in last and "mask_entropy" in last
+
+    caches = [datasets.Dataset.from_file(str(path)) for path in sorted(data.glob("cache-*.arrow"))]
+    cached = [cache for cache in caches if "teacher_attention" in cache.column_names]
+    assert len(cached) == 1, [cache.column_names for cache in caches]
+    cached = cached[0].with_format("torch")
+    model = AutoMAEForPreTraining.from_pretrained(str(out)).eval()
+    processor = ViTImageProcessor.from_pretrained(str(out))
+    mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
+    images = [decode_image(value, "RGB").resize((32, 32), 3) for value in datasets.load_from_disk(str(data))["img"][:6]]
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                          for image in images])
+    with torch.no_grad():
+        live = model.teacher_attention((pixels - mean) / std)
+    stored = cached["teacher_attention"][:6].float()
+    assert stored.shape == live.shape
+    torch.testing.assert_close(stored, live, atol=2e-3, rtol=2e-3)  # float16 storage
+    assert live.flatten(1).std(1).min() > 1e-4  # maps that vary, so the comparison says something
+
     refused = run(common(data_dir / "clean", tmp_path / "self", 2, "--teacher_name_or_path", "self",
                          "--cache_teacher_attention"), check=False, timeout=120)
     assert refused.returncode != 0 and "--cache_teacher_attention" in refused.stderr
@@ -288,27 +323,25 @@ def test_noise_streams_are_independent_per_rank_and_reproducible():
     assert len({noise_seed(0, 1, step + 1) - noise_seed(0, 0, step) for step in range(10)}) == 10
 
 
-def test_score_head_learning_rate_multiplier_groups():
-    from automae_hf import AutoMAEForPreTraining
-    from automae_hf.training.pretraining import student_param_groups
-    from conftest import make_tiny_config
+def test_score_head_learning_rate_follows_the_config(tmp_path):
+    """The score head's groups learn at lr * config.score_head_lr_scale: 1 by default, the follow_teacher preset's
+    0.1, or what --config_overrides sets; the student's groups at lr."""
+    from automae_hf.training import pretraining
 
-    model = AutoMAEForPreTraining(make_tiny_config())
-    head = {id(p) for p in model.mask_generator.score_head.parameters()}
-    plain = student_param_groups(model, 0.05)
-    assert len(plain) == 2 and all("lr" not in group for group in plain)
-    split = student_param_groups(model, 0.05, score_head_lr=1e-5)
-    head_groups = [group for group in split if "lr" in group]
-    assert {id(p) for group in head_groups for p in group["params"]} == head
-    assert all(group["lr"] == 1e-5 for group in head_groups)
-    assert sum(len(group["params"]) for group in split) == sum(len(group["params"]) for group in plain)
-    optimizer = torch.optim.AdamW(split, lr=1e-3)
-    import transformers
-
-    scheduler = transformers.get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=10)
-    scheduler.step()
-    ratios = {group["lr"] / base for group, base in zip(optimizer.param_groups, scheduler.base_lrs)}
-    assert len({round(r, 9) for r in ratios}) == 1  # the schedule scales the head's rate like the rest
+    parser = pretraining.build_parser()
+    for extra, scale in (([], 1.0), (["--preset", "follow_teacher"], 0.1),
+                         (["--preset", "follow_teacher", "--config_overrides", TINY + ",score_head_lr_scale=0.5"], 0.5)):
+        args = parser.parse_args(["--output_dir", str(tmp_path), "--config_overrides", TINY, "--image_size", "32",
+                                  "--learning_rate", "1e-3", *extra])
+        model, _ = pretraining.build_model(args, parser)
+        lr, optimizer, _ = pretraining.build_optimizers(args, model, 256)
+        head = {id(p) for p in model.mask_generator.score_head.parameters()}
+        rates = {"head": set(), "rest": set()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                rates["head" if id(param) in head else "rest"].add(group["lr"])
+        assert rates["rest"] == {1e-3} and len(rates["head"]) == 1, (extra, rates)
+        assert rates["head"].pop() == pytest.approx(1e-3 * scale), extra
 
 
 def test_fp16_scaler_steps_and_updates_once_per_iteration(data_dir, tmp_path, capsys, monkeypatch):

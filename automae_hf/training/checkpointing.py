@@ -1,18 +1,46 @@
 """Training state saved atomically: `accelerate.save_state` into a temporary folder renamed to `step_N`, so a run
-killed at any moment resumes from the last complete checkpoint."""
+killed at any moment resumes from the last complete checkpoint. Each checkpoint and the run folder hold the run's
+arguments (`run_args.json`), so a resume continues only the run it belongs to."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+RUN_ARGUMENTS_FILE = "run_args.json"  # {"fingerprint": sha256 hex, "arguments": {name: value}}
+
+
+def arguments_fingerprint(arguments: dict) -> str:
+    """sha256 of the arguments as sorted JSON: the same on every machine and library version (a pickle hash is not)."""
+    return hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_run_arguments(folder: Path, arguments: dict) -> None:
+    payload = {"fingerprint": arguments_fingerprint(arguments), "arguments": arguments}
+    (Path(folder) / RUN_ARGUMENTS_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_run_arguments(folder: Path) -> dict | None:
+    """The arguments saved in `folder`, or None when it holds no `run_args.json`."""
+    path = Path(folder) / RUN_ARGUMENTS_FILE
+    return json.loads(path.read_text())["arguments"] if path.is_file() else None
+
+
+def differing_arguments(saved: dict, current: dict) -> list[str]:
+    """Names whose values differ between two argument sets (compared as saved JSON, so tuples equal lists)."""
+    saved, current = (json.loads(json.dumps(values, default=str)) for values in (saved, current))
+    return sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
 
 
 class TrainState:
-    """Step counter (and skip count) saved by accelerate's `save_state` via `register_for_checkpointing`."""
+    """Step counter and skip count saved by accelerate's `save_state` via `register_for_checkpointing`, which writes
+    rank 0's copy and loads it on every rank: `skipped_images` is therefore the count summed over all processes
+    (the training loop folds each process's new skips into it with an all-reduce before every save)."""
 
     def __init__(self):
         self.completed_steps = 0
@@ -35,10 +63,11 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False,
-                    total_limit: int | None = None) -> Path:
+                    total_limit: int | None = None, run_arguments: dict | None = None) -> Path:
     """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
     previous checkpoint as `latest`. `total_limit` keeps only the newest N complete checkpoints (removed after the
-    new one is in place). `kill_before_commit` (tests) dies by SIGKILL between the write and the rename."""
+    new one is in place). `run_arguments` are saved beside the state (`run_args.json`). `kill_before_commit` (tests)
+    dies by SIGKILL between the write and the rename."""
     final = checkpoint_root / f"step_{step}"
     tmp = checkpoint_root / f".tmp-step_{step}"
     if accelerator.is_main_process:
@@ -46,6 +75,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_c
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if run_arguments is not None and accelerator.is_main_process:
+        write_run_arguments(tmp, run_arguments)
     accelerator.wait_for_everyone()
     if kill_before_commit:
         import signal

@@ -38,7 +38,16 @@ import torch
 
 from ..configuration_automae import MASKING_STRATEGIES as MASKING_CHOICES
 from ..teacher import looks_like_a_local_path
-from .checkpointing import TrainState, latest_checkpoint, save_checkpoint
+from .checkpointing import (
+    RUN_ARGUMENTS_FILE,
+    TrainState,
+    arguments_fingerprint,
+    differing_arguments,
+    latest_checkpoint,
+    read_run_arguments,
+    save_checkpoint,
+    write_run_arguments,
+)
 from .data import (
     DATA_BOX_FORMATS,
     IMAGE_COLUMN_CANDIDATES,
@@ -57,11 +66,6 @@ from .model_card import hub_id, public_name
 from .pictures import save_image_grid
 
 logger = logging.getLogger("automae.pretrain")
-
-# What a --preset sets beyond the model config: follow_teacher's score head learns at a tenth of the student's rate.
-# At the full rate the reconstruction loss flattens the scores after ~100 steps (spread 4.0 -> 0.85, sampled top-K in
-# the teacher's top-K 82% -> 44% at step 300, Fashion-MNIST, DINOv2 teacher); at a tenth it keeps 67% (one seed).
-PRESET_TRAINING_DEFAULTS = {"follow_teacher": {"score_head_lr_multiplier": 0.1}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(or 'self' when training from scratch).")
 
     t = p.add_argument_group("training")
-    t.add_argument("--output_dir", required=True, help="Where checkpoints, images, logs and the final model go.")
+    t.add_argument("--output_dir", required=True,
+                   help="Where checkpoints, images, logs and the final model go. Must be empty (or absent) unless "
+                        "--overwrite_output_dir or --resume_from_checkpoint is given.")
+    t.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Empty a non-empty --output_dir before training (as the HF examples' flag).")
     t.add_argument("--per_device_train_batch_size", type=int, default=64, help="Batch size per process.")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     t.add_argument("--num_train_epochs", type=float, default=800, help="Epochs (ignored when --max_train_steps is set).")
@@ -145,13 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--base_learning_rate", type=float, default=1.5e-4,
                    help="lr = base_learning_rate * per_device batch * accumulation * processes / 256.")
     t.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens).")
-    t.add_argument("--warmup_epochs", type=float, default=40, help="Linear warm-up length in epochs, then cosine to 0.")
+    t.add_argument("--warmup_epochs", type=float, default=40,
+                   help="Linear warm-up length in epochs, then cosine to 0 (MAE's 40 of 800). A warning names "
+                        "--warmup_steps when it covers most of a short run.")
     t.add_argument("--warmup_steps", "--num_warmup_steps", dest="warmup_steps", type=int, default=None,
-                   help="Warm-up in optimizer steps (overrides epochs).")
-    t.add_argument("--score_head_lr_multiplier", type=float, default=None,
-                   help="The score head's learning rate as a multiple of the student's (1: the reference, one AdamW "
-                        "step for both; 0 freezes the head at its initialisation). Default: the --preset's "
-                        f"({PRESET_TRAINING_DEFAULTS}), else 1.")
+                   help="Warm-up in optimizer steps (overrides epochs; needed with --streaming).")
     t.add_argument("--adam_beta1", type=float, default=0.9)
     t.add_argument("--adam_beta2", type=float, default=0.95)
     t.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
@@ -227,6 +233,8 @@ def _check_arguments(args, parser) -> None:
         parser.error("--cache_teacher_attention needs a map-style data set, not --streaming")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no length)")
+    if args.streaming and args.warmup_steps is None:
+        parser.error("--streaming needs --warmup_steps (a stream has no epochs to count --warmup_epochs in)")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps must be a positive number of optimizer steps, got {args.max_train_steps}")
     if not args.num_train_epochs > 0:
@@ -234,10 +242,6 @@ def _check_arguments(args, parser) -> None:
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.score_head_lr_multiplier is None:
-        args.score_head_lr_multiplier = PRESET_TRAINING_DEFAULTS.get(args.preset, {}).get("score_head_lr_multiplier", 1.0)
-    if not args.score_head_lr_multiplier >= 0:
-        parser.error(f"--score_head_lr_multiplier must be >= 0, got {args.score_head_lr_multiplier}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -251,10 +255,49 @@ def _check_arguments(args, parser) -> None:
         parser.error(f"--lr_scheduler_type must be one of {sorted(kind.value for kind in SchedulerType)}, "
                      f"got {args.lr_scheduler_type!r}")
     check_hub_arguments(args, parser)
-    for flag in ("model_name_or_path", "config_name", "teacher_name_or_path"):
+    for flag in ("model_name_or_path", "config_name", "teacher_name_or_path", "image_processor_name"):
         value = getattr(args, flag)
         if value and value.lower() not in ("none", "self") and looks_like_a_local_path(value) and not os.path.isdir(value):
             parser.error(f"--{flag} {value!r}: no such folder")
+    output_dir = Path(args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        parser.error(f"--output_dir {args.output_dir!r} is not empty: pass --overwrite_output_dir to empty it first, "
+                     "or --resume_from_checkpoint latest to continue the run in it")
+    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
+        parser.error("--overwrite_output_dir empties the folder that --resume_from_checkpoint latest resumes from: "
+                     "give one")
+    if args.overwrite_output_dir and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+        parser.error(f"--overwrite_output_dir would empty {args.output_dir!r}, which holds the working directory")
+
+
+FLAGS_OF_CONFIG_FIELDS = ("mask_ratio", "mask_factor", "adversarial_weight", "image_size", "attention_hint_ratio")
+
+
+def config_values_of_flags(args) -> dict:
+    """The config fields that explicit flags set; --config_overrides may not contradict them (`refuse_conflicts`)."""
+    values = {name: getattr(args, name) for name in FLAGS_OF_CONFIG_FIELDS if getattr(args, name) is not None}
+    if args.norm_pix_loss:
+        values["norm_pix_loss"] = True
+    if args.masking is not None:
+        values["masking"] = args.masking
+    return values
+
+
+def refuse_conflicts(parser, from_flags: dict, written: dict, teacher: str | None) -> None:
+    """A flag and --config_overrides that set one field to two values are refused, naming both (neither wins)."""
+    from automae_hf.masking import MASKING_STRATEGIES
+
+    for name, value in from_flags.items():
+        if name in written and written[name] != value:
+            parser.error(f"--{name} {value} conflicts with {name}={written[name]} in --config_overrides: give one")
+    if teacher is not None and "teacher_name_or_path" in written and written["teacher_name_or_path"] != teacher:
+        parser.error(f"--teacher_name_or_path {teacher} conflicts with teacher_name_or_path="
+                     f"{written['teacher_name_or_path']} in --config_overrides: give one")
+    masking = written.get("masking")
+    if teacher is not None and teacher.lower() == "none" and masking in MASKING_STRATEGIES and (
+            MASKING_STRATEGIES[masking].uses_teacher):
+        parser.error(f"--teacher_name_or_path none conflicts with masking={masking} in --config_overrides (it needs a "
+                     "teacher): give one")
 
 
 def build_model(args, parser):
@@ -271,17 +314,15 @@ def build_model(args, parser):
         if args.preset not in AUTOMAE_PRESETS:
             parser.error(f"--preset {args.preset!r}: expected one of {preset_names()}")
         overrides.update(AUTOMAE_PRESETS[args.preset])
-    overrides.update(parse_overrides(args.config_overrides, parser))
-    for name in ("mask_ratio", "mask_factor", "adversarial_weight", "image_size", "attention_hint_ratio"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.norm_pix_loss:
-        overrides["norm_pix_loss"] = True
+    from_flags, written = config_values_of_flags(args), parse_overrides(args.config_overrides, parser)
+    refuse_conflicts(parser, from_flags, written, args.teacher_name_or_path)
+    overrides.update(written)
+    overrides.update(from_flags)
     teacher = args.teacher_name_or_path
     if teacher is not None and teacher.lower() == "none":  # plain MAE, the baseline
         if args.masking is not None and MASKING_STRATEGIES[args.masking].uses_teacher:
             parser.error(f"--masking {args.masking} needs a teacher; --teacher_name_or_path none means random masking")
-        overrides["masking"] = args.masking or "random"
+        overrides["masking"] = args.masking or written.get("masking") or "random"
         teacher = None
     elif args.masking is not None:
         overrides["masking"] = args.masking
@@ -348,28 +389,6 @@ def build_model(args, parser):
     return model, "self" if model.config.teacher_is_self else "teacher"
 
 
-def student_param_groups(model, weight_decay: float, score_head_lr: float | None = None):
-    """AdamW groups: weight decay on matrices only (not on biases, norms, tokens, position tables), as MAE; the score
-    head in its own group at `score_head_lr` when given (0 freezes it), the schedule scaling every group alike."""
-    student_ids = {id(p) for p in model.student_parameters()}
-    head_ids = set()
-    if score_head_lr is not None and model.mask_generator is not None:
-        head_ids = {id(p) for p in model.mask_generator.score_head.parameters()}
-    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (score head, decay)
-    for name, param in model.named_parameters():
-        if id(param) not in student_ids:
-            continue
-        decay = not (param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name
-                     or "position" in name)
-        groups[(id(param) in head_ids, decay)].append(param)
-    out = []
-    for (head, decay), params in groups.items():
-        if params or not head:  # the two student groups always exist (checkpoints count on them)
-            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-            out.append({**group, "lr": score_head_lr} if head else group)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,9 +417,12 @@ def make_accelerator(args):
     return Accelerator(**kwargs)
 
 
-def image_processor_for(args, config):
-    """-> (the image processor saved with the model, per-channel mean, per-channel std): the one named, the
-    checkpoint's, else MAE's ImageNet normalisation (averaged over channels for grayscale)."""
+def image_processor_for(args, parser, config):
+    """-> (the image processor saved with the model, per-channel mean, per-channel std): --image_processor_name's
+    (refused when it does not load), else the checkpoint's, else, for a checkpoint without one or a model from
+    scratch, MAE's ImageNet normalisation (averaged over channels for grayscale)."""
+    from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
+
     try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
         from transformers import ViTImageProcessorPil as ViTImageProcessor
     except ImportError:
@@ -408,13 +430,19 @@ def image_processor_for(args, config):
 
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     processor = None
-    for source in (args.image_processor_name, args.model_name_or_path):
-        if source:
-            try:
-                processor = ViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir)
-                break
-            except Exception:  # noqa: BLE001  (a checkpoint without a processor: the default below)
-                pass
+    for flag in ("image_processor_name", "model_name_or_path"):
+        source = getattr(args, flag)
+        if not source:
+            continue
+        if flag == "model_name_or_path" and cached_file(
+            source, IMAGE_PROCESSOR_NAME, cache_dir=args.cache_dir, _raise_exceptions_for_missing_entries=False
+        ) is None:
+            continue  # a checkpoint without a processor: the default below
+        try:
+            processor = ViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir)
+            break
+        except Exception as error:  # noqa: BLE001
+            parser.error(f"--{flag} {source!r}: no image processor loads from it ({one_line(error)})")
     if processor is None:
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         if config.num_channels == 1:
@@ -453,7 +481,8 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
             generator_module = model.mask_generator.to(accelerator.device)
             with accelerator.main_process_first():
                 teacher_key = json.dumps([config.teacher_name_or_path, config.teacher_config, config.teacher_image_size,
-                                          config.patch_size], sort_keys=True, default=str)
+                                          config.patch_size, config.teacher_image_mean, config.teacher_image_std],
+                                         sort_keys=True, default=str)
                 hf_data = add_teacher_attention(hf_data, column, pil_mode, size, mean, std,
                                                 generator_module.teacher_attention, 256, accelerator.device,
                                                 teacher_key=teacher_key)
@@ -463,7 +492,8 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
     if args.dataloader_num_workers > 0:
         # Workers outlive the epoch (MapImageDataset's epoch is in shared memory) and keep 4 batches each in flight.
         loader_kwargs.update(persistent_workers=True, prefetch_factor=4)
-    loader = torch.utils.data.DataLoader(dataset, shuffle=not args.streaming, drop_last=False, **loader_kwargs)
+    # drop_last, as MAE: every step averages a full batch (a last short batch would weigh its images more).
+    loader = torch.utils.data.DataLoader(dataset, shuffle=not args.streaming, drop_last=True, **loader_kwargs)
     return dataset, loader, box_column
 
 
@@ -473,8 +503,8 @@ def build_optimizers(args, model, effective_batch):
     lr = args.learning_rate if args.learning_rate is not None else args.base_learning_rate * effective_batch / 256
     fused = args.optim == "adamw_torch_fused"
     betas = (args.adam_beta1, args.adam_beta2)
-    score_head_lr = None if args.score_head_lr_multiplier == 1.0 else lr * args.score_head_lr_multiplier
-    student_optimizer = torch.optim.AdamW(student_param_groups(model, args.weight_decay, score_head_lr), lr=lr, betas=betas,
+    # The score head's groups learn at lr * config.score_head_lr_scale (the follow_teacher preset: 0.1).
+    student_optimizer = torch.optim.AdamW(model.optimizer_param_groups(args.weight_decay, lr), lr=lr, betas=betas,
                                           fused=fused)
     d_optimizer = None
     if model.discriminator is not None:  # D: Adam, no weight decay, the student's betas and schedule, as MAE's
@@ -542,6 +572,22 @@ def average_gradients(parameters, accelerator) -> None:
         grad.copy_(synced)
 
 
+def warmup_length(args, steps_per_epoch: int | None, max_train_steps: int) -> int:
+    """The warm-up in optimizer steps: --warmup_steps, else --warmup_epochs of `steps_per_epoch` (streaming needs the
+    former, `_check_arguments`); capped at the run. Warns, naming --warmup_steps, where it takes most of the run:
+    MAE's 40 epochs on a short run leave a learning rate that only climbs."""
+    if args.warmup_steps is not None:
+        steps, source = args.warmup_steps, f"--warmup_steps {args.warmup_steps}"
+    else:
+        steps = int(round(args.warmup_epochs * steps_per_epoch))
+        source = f"--warmup_epochs {args.warmup_epochs:g} = {steps} steps"
+    if steps > max_train_steps or (args.warmup_steps is None and steps > max_train_steps / 2):
+        logger.warning("The warm-up (%s) covers %d of the run's %d steps: the learning rate climbs for most of the run "
+                       "and barely decays (not at all when the warm-up reaches the end); set --warmup_steps to a "
+                       "fraction of the run", source, min(steps, max_train_steps), max_train_steps)
+    return min(steps, max_train_steps)
+
+
 def make_schedule(args, optimizer, warmup_steps: int, max_train_steps: int):
     """Not prepared by accelerate: stepped by hand once per optimizer step (a prepared scheduler steps
     num_processes times)."""
@@ -550,6 +596,62 @@ def make_schedule(args, optimizer, warmup_steps: int, max_train_steps: int):
     inner = getattr(optimizer, "optimizer", optimizer)
     return transformers.get_scheduler(args.lr_scheduler_type, inner, num_warmup_steps=warmup_steps,
                                       num_training_steps=max_train_steps)
+
+
+@torch.no_grad()
+def log_teacher_input(mask_generator, pixel_values: torch.Tensor) -> None:
+    """Once, on the first batch: how the batch is normalised (config.image_mean / image_std), what the teacher
+    expects (teacher_image_mean / teacher_image_std) and the per-channel mean / std of what it actually reads."""
+    config = mask_generator.config
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+    seen = mask_generator.teacher_input(pixel_values, grid).float()
+    mean, std = seen.mean((0, 2, 3)).tolist(), seen.std((0, 2, 3)).tolist()
+    expected = (f"its own mean {config.teacher_image_mean} / std {config.teacher_image_std}"
+                if config.teacher_image_mean is not None else "nothing else (config.teacher_image_mean is unset)")
+    logger.info("Teacher input: the batch normalised with mean %s / std %s, re-normalised to %s; on the first batch it "
+                "reads per-channel means %s and stds %s", config.image_mean, config.image_std, expected,
+                [round(v, 3) for v in mean], [round(v, 3) for v in std])
+
+
+def note_nonfinite_loss(first_bad_step: torch.Tensor, metrics: dict, step: int) -> torch.Tensor:
+    """`first_bad_step` (0-d int64 on the device; 0: none yet) becomes `step` at the first non-finite loss, the
+    student's or D's. On the device: no host sync per step (`raise_on_nonfinite` reads it)."""
+    loss = metrics["loss"] + metrics["d_loss"] if "d_loss" in metrics else metrics["loss"]
+    return torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
+
+
+def raise_on_nonfinite(accelerator, first_bad_step: torch.Tensor, model=None) -> None:
+    """Stops the run (every process alike) when a loss went non-finite, and, given `model`, when a weight did. One
+    host sync, at logging windows and before every save rather than every step (MAE checks every step): no
+    non-finite weights are ever saved."""
+    flags = [first_bad_step.to(torch.int64)]
+    if model is not None:  # FSDP shards: each process checks its own
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        flags.append((~torch.stack([torch.isfinite(t.detach()).all() for t in local]).all()).to(torch.int64))
+    gathered = accelerator.gather(torch.stack(flags)[None]).reshape(-1, len(flags)).cpu()
+    bad_steps = [int(step) for step in gathered[:, 0] if step > 0]
+    if bad_steps:
+        raise FloatingPointError(
+            f"The loss is not finite (NaN or inf) at optimizer step {min(bad_steps)}: the run stops before saving "
+            "weights from it. Lower --learning_rate / --base_learning_rate, lengthen --warmup_steps or train in "
+            "float32 (--mixed_precision no), then resume from the last checkpoint.")
+    if len(flags) > 1 and gathered[:, 1].any():
+        raise FloatingPointError("A weight is not finite although every loss was: the run stops without saving it.")
+
+
+def window_over_processes(accelerator, sums: dict, count: int, diagnostics: dict, counters: list[float]):
+    """One all-reduce per logging window -> (each of `sums`' mean over all processes' `count` micro-batches, each
+    diagnostic's mean over the processes, `counters` summed over the processes)."""
+    device = accelerator.device
+    values = [value.detach().to(device, torch.float64) for value in (*sums.values(), *diagnostics.values())]
+    values.append(torch.tensor([count, *counters], dtype=torch.float64, device=device))
+    total = accelerator.reduce(torch.cat([value.reshape(-1) for value in values]), reduction="sum").tolist()
+    sums_total, diagnostics_total = total[: len(sums)], total[len(sums) : len(sums) + len(diagnostics)]
+    all_count, counters_total = total[len(sums) + len(diagnostics)], total[len(sums) + len(diagnostics) + 1 :]
+    means = {key: value / all_count for key, value in zip(sums, sums_total)}
+    diagnostic_means = {key: value / accelerator.num_processes for key, value in zip(diagnostics, diagnostics_total)}
+    return means, diagnostic_means, counters_total
 
 
 def noise_seed(seed: int, rank: int, micro_batch: int) -> int:
@@ -618,8 +720,56 @@ def push_run(args, model, processor, output_dir: Path, state_dict: dict | None =
         raise SystemExit(1)
 
 
-def resume(args, parser, accelerator, checkpoint_root: Path) -> None:
-    """`--resume_from_checkpoint latest|PATH`: accelerate's `load_state` (model, optimizers, schedules, step, RNG)."""
+# Flags that leave the trained weights as they are (where the run goes, how it is logged, saved, pushed or sped up):
+# outside the run's arguments, so changing them neither blocks a resume nor makes another run.
+NOT_RUN_ARGUMENTS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "cache_dir", "trust_remote_code",
+    "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing", "optim",
+    "torch_compile", "torch_compile_backend", "with_tracking", "report_to", "logging_steps", "image_log_steps",
+    "push_to_hub", "hub_model_id", "private", "revision", "hub_token", "dry_run", "push_teacher",
+    "debug_dump_weights", "debug_kill_after_step", "debug_kill_during_checkpoint",
+}
+RUN_LENGTH_ARGUMENTS = ("max_train_steps", "num_train_epochs")
+
+
+def run_arguments(args, num_processes: int, mixed_precision: str) -> dict:
+    """The arguments that decide the trained weights, with the process count and the precision accelerate resolved:
+    saved as `run_args.json` (with their `checkpointing.arguments_fingerprint`) in the run folder and each checkpoint.
+    E.g. `run_arguments(build_parser().parse_args(argv), 1, "no")` for a one-process run of `argv`."""
+    values = {name: value for name, value in vars(args).items() if name not in NOT_RUN_ARGUMENTS}
+    return {**values, "num_processes": num_processes, "mixed_precision": mixed_precision}
+
+
+def refuse_another_runs_arguments(parser, saved: dict | None, current: dict, where: str) -> None:
+    """A resume continues the run whose arguments `saved` holds (read from `where`): any difference is refused by
+    name, except the run's length (`RUN_LENGTH_ARGUMENTS`): a run may be continued to another length, its steps from
+    the checkpoint on following that length's schedule (warned)."""
+    if saved is None:
+        logger.warning("%s holds no %s (an older run): cannot check that it was run with these arguments",
+                       where, RUN_ARGUMENTS_FILE)
+        return
+    differing = differing_arguments(saved, current)
+    other = [name for name in differing if name not in RUN_LENGTH_ARGUMENTS]
+    if other:
+        parser.error(f"--resume_from_checkpoint: {where} belongs to a run with other arguments ("
+                     + "; ".join(f"--{name} {saved.get(name)!r} there, {current.get(name)!r} here" for name in other)
+                     + "): resume with its arguments, or start this run in another --output_dir")
+    if differing:
+        logger.warning("Continuing the run of %s to %s: the steps from the checkpoint on follow the new length's "
+                       "learning-rate schedule", ", ".join(f"--{n} {saved.get(n)}" for n in differing),
+                       ", ".join(f"--{n} {current.get(n)}" for n in differing))
+
+
+def checkpoint_to_resume(args, parser, arguments: dict) -> Path | None:
+    """`--resume_from_checkpoint latest|PATH` -> the checkpoint folder to load (None: start fresh), refused when it,
+    or the --output_dir it continues, belongs to a run with other `arguments`. Reads only: nothing is written yet."""
+    if not args.resume_from_checkpoint:
+        return None
+    output_dir = Path(args.output_dir)
+    if not args.overwrite_output_dir and (output_dir / RUN_ARGUMENTS_FILE).is_file():
+        refuse_another_runs_arguments(parser, read_run_arguments(output_dir), arguments,
+                                      f"--output_dir {str(output_dir)!r}")
+    checkpoint_root = output_dir / "checkpoints"
     path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
             else Path(args.resume_from_checkpoint))
     if path is None:
@@ -627,8 +777,30 @@ def resume(args, parser, accelerator, checkpoint_root: Path) -> None:
     elif not path.is_dir():
         parser.error(f"--resume_from_checkpoint {str(path)!r} is not a checkpoint folder")
     else:
-        accelerator.print(f"Resuming from {path}")
-        accelerator.load_state(str(path))
+        refuse_another_runs_arguments(parser, read_run_arguments(path), arguments, f"checkpoint {str(path)!r}")
+    return path
+
+
+def prepare_output_dir(args, accelerator, arguments: dict) -> None:
+    """Once every refusal is behind: --overwrite_output_dir empties the folder, and the run's arguments go to
+    `run_args.json` (a non-empty folder without --overwrite_output_dir or a resume was refused by `_check_arguments`)."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and output_dir.is_dir():
+            shutil.rmtree(output_dir)
+        (output_dir / "images").mkdir(parents=True, exist_ok=True)
+        checkpoint_root = output_dir / "checkpoints"
+        for stale in checkpoint_root.glob(".tmp-step_*") if checkpoint_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        write_run_arguments(output_dir, arguments)
+    accelerator.wait_for_everyone()
+
+
+def keep_log_until(log_path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: drop the killed run's rows for them."""
+    if log_path.is_file():
+        rows = [line for line in log_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        log_path.write_text("".join(row + "\n" for row in rows))
 
 
 def save_run(args, accelerator, model, unwrapped, processor, completed: int, total_skipped: int,
@@ -668,7 +840,7 @@ def main(argv=None):
     from accelerate.utils import DistributedType, set_seed
 
     from automae_hf.configuration_automae import num_visible_patches
-    from automae_hf.masking import mask_entropy, mask_signal_statistics
+    from automae_hf.masking import mask_entropy, mask_signal_statistics, sample_entropy
 
     # ---- set-up: accelerator, model and teacher, data, optimizers, schedules, resume ----------------------------
     output_dir = Path(args.output_dir)
@@ -676,12 +848,16 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
         logger.setLevel(logging.ERROR)
+    arguments = run_arguments(args, accelerator.num_processes, accelerator.mixed_precision)
+    resume_path = checkpoint_to_resume(args, parser, arguments)
     set_seed(args.seed)
     model, teacher_mode = build_model(args, parser)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = model.config
-    processor, mean, std = image_processor_for(args, config)
+    processor, mean, std = image_processor_for(args, parser, config)
+    # How pixel_values are normalised, saved with the model: the teacher re-normalises from it to its own statistics.
+    config.image_mean, config.image_std = list(mean), list(std)
     train_dataset, train_dataloader, box_column = build_training_data(args, parser, accelerator, model, teacher_mode,
                                                                       mean, std)
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -690,6 +866,10 @@ def main(argv=None):
     model, student_optimizer, train_dataloader = prepare_student(accelerator, model, student_optimizer,
                                                                  train_dataloader)
     unwrapped = accelerator.unwrap_model(model)
+    if not args.streaming and len(train_dataloader) == 0:  # drop_last: no incomplete batch
+        parser.error(f"the training set ({len(train_dataset)} images) is smaller than one batch per process "
+                     f"({args.per_device_train_batch_size} x {accelerator.num_processes}): lower "
+                     "--per_device_train_batch_size")
     if args.torch_compile:  # after prepare: DDP and the optimizers see the original parameters
         model = torch.compile(model, backend=args.torch_compile_backend)
         # The D step runs outside the model's forward: D and the score head compile on their own (on a GPU their
@@ -706,11 +886,7 @@ def main(argv=None):
         steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    if args.warmup_steps is not None:
-        warmup_steps = args.warmup_steps
-    else:
-        warmup_steps = int(round(args.warmup_epochs * steps_per_epoch)) if steps_per_epoch else 0
-    warmup_steps = min(warmup_steps, max_train_steps)
+    warmup_steps = warmup_length(args, steps_per_epoch, max_train_steps)
     student_scheduler = make_schedule(args, student_optimizer, warmup_steps, max_train_steps)
     d_scheduler = make_schedule(args, d_optimizer, warmup_steps, max_train_steps) if d_optimizer is not None else None
 
@@ -723,16 +899,18 @@ def main(argv=None):
     if d_scheduler is not None:
         accelerator.register_for_checkpointing(d_scheduler, d_optimizer)
     checkpoint_root = output_dir / "checkpoints"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "images").mkdir(exist_ok=True)
-        for stale in checkpoint_root.glob(".tmp-step_*") if checkpoint_root.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        if state.completed_steps > max_train_steps:
+            parser.error(f"--resume_from_checkpoint: {str(resume_path)!r} is at step {state.completed_steps}, past the "
+                         f"{max_train_steps} steps asked for (--max_train_steps / --num_train_epochs)")
+    prepare_output_dir(args, accelerator, arguments)
+    if accelerator.is_main_process and resume_path is not None:
+        keep_log_until(output_dir / "train_log.jsonl", state.completed_steps)
     if args.with_tracking:
         accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                       for k, v in vars(args).items()})
-    if args.resume_from_checkpoint:
-        resume(args, parser, accelerator, checkpoint_root)
+                                                       for k, v in vars(args).items() if k != "hub_token"})
     start_step = state.completed_steps
     start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
     skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
@@ -753,8 +931,11 @@ def main(argv=None):
             average_gradients(discriminator.parameters(), accelerator)
             d_optimizer.step()
             d_optimizer.zero_grad(set_to_none=True)
+        # Mean raw scores beside the accuracies: a least-squares D aims at 1 (real) and 0 (generated), and both
+        # accuracies at 0.5 also read "everything scored low" (docs/method.md §5).
         return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
-                    d_fake_accuracy=output.fake_accuracy)
+                    d_fake_accuracy=output.fake_accuracy, d_real_score=output.real_scores.mean(),
+                    d_fake_score=output.fake_scores.mean())
 
     def train_step(batch, diagnose: bool):
         """-> (output, metrics summed over the logging window, diagnostics of this micro-batch when `diagnose`)."""
@@ -779,8 +960,9 @@ def main(argv=None):
         if output.generator_loss is not None:
             metrics["generator_loss"] = output.generator_loss.detach()
         diagnostics = {}  # dozens of small ops: only on the micro-batch that ends a logging window
-        if diagnose and output.mask_probs is not None:
-            diagnostics["mask_entropy"] = mask_entropy(output.mask_probs.detach().float())
+        if diagnose and output.mask_logits is not None:  # p itself, and the Gumbel sample that picked the top-K
+            diagnostics["mask_entropy"] = mask_entropy(output.mask_logits.detach())
+            diagnostics["gumbel_sample_entropy"] = sample_entropy(output.mask_probs.detach())
         if diagnose and output.mask_logits is not None and attention is not None:  # how much the scores decide
             num_visible = num_visible_patches(output.mask.shape[1], config.mask_ratio)
             diagnostics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
@@ -796,6 +978,17 @@ def main(argv=None):
     if discriminator is not None:
         discriminator.train()
     completed, micro_in_step, last_saved = start_step, 0, None
+    # This process's undecodable images not yet folded into the all-process total `state.skipped_images`.
+    local_skipped = 0
+    first_nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+
+    def settle_before_saving():
+        """No non-finite weights saved; the skip count summed over processes, as every rank reloads rank 0's copy."""
+        nonlocal local_skipped
+        raise_on_nonfinite(accelerator, first_nonfinite_step, unwrapped)
+        skipped = accelerator.reduce(torch.tensor([local_skipped], device=accelerator.device), reduction="sum")
+        state.skipped_images += int(skipped[0])
+        local_skipped = 0
     window_images, window_start, sums, sum_count = 0, time.perf_counter(), {}, 0
     # Host time per micro-batch, logged: waiting for the loader, inside train_step (the model; on a GPU also waiting
     # for a full launch queue) and the rest of the loop (logging, checkpoints included). perf_counter only: no sync.
@@ -820,10 +1013,12 @@ def main(argv=None):
         if epoch == start_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in timed(loader):
-            state.skipped_images += int(batch["skipped"])
+            local_skipped += int(batch["skipped"])
             if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
                 continue
             batch["pixel_values"] = normalize_pixels(batch["pixel_values"], pixel_mean, pixel_std)
+            if teacher_mode == "teacher" and completed == start_step and micro_in_step == 0 and accelerator.is_main_process:
+                log_teacher_input(unwrapped.mask_generator, batch["pixel_values"])
             micro_index = completed * args.gradient_accumulation_steps + micro_in_step
             noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
             step_start = time.perf_counter()
@@ -833,6 +1028,7 @@ def main(argv=None):
                 (completed + 1) % args.logging_steps == 0 or completed + 1 == max_train_steps)
             output, metrics, diagnostics = train_step(batch, diagnose=ends_window)
             host_ms["train_step_ms"] += 1000 * (time.perf_counter() - step_start)
+            first_nonfinite_step = note_nonfinite_loss(first_nonfinite_step, metrics, completed + 1)
             window_images += batch["pixel_values"].shape[0]
             for key, value in metrics.items():  # summed on the device: no host sync outside logging steps
                 value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
@@ -850,15 +1046,16 @@ def main(argv=None):
             progress.update(1)
 
             if completed % args.logging_steps == 0 or completed == max_train_steps:
-                stats = torch.tensor([window_images, state.skipped_images], device=accelerator.device, dtype=torch.float64)
-                stats = accelerator.reduce(stats, reduction="sum")
+                raise_on_nonfinite(accelerator, first_nonfinite_step)
+                means, diagnostic_means, (images, skipped) = window_over_processes(
+                    accelerator, sums, sum_count, diagnostics, [window_images, local_skipped])
+                state.skipped_images, local_skipped = state.skipped_images + int(skipped), 0
                 elapsed = time.perf_counter() - window_start
-                log = {k: float(v) / sum_count for k, v in sums.items()}
-                log.update({k: float(v) for k, v in diagnostics.items()})
-                log.update({key: value / sum_count for key, value in host_ms.items()},
+                log = {**means, **diagnostic_means}
+                log.update({key: value / sum_count for key, value in host_ms.items()},  # host times: this process's
                            loop_other_ms=(1000 * elapsed - sum(host_ms.values())) / sum_count)
-                log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=float(stats[0]) / max(elapsed, 1e-9),
-                           skipped_images=int(stats[1]), epoch=epoch, step=completed)
+                log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=images / max(elapsed, 1e-9),
+                           skipped_images=state.skipped_images, epoch=epoch, step=completed)
                 progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
                                       if k in ("loss", "d_loss", "images_per_second", "skipped_images")}, refresh=False)
                 if args.with_tracking:
@@ -877,8 +1074,10 @@ def main(argv=None):
                                     boxes=batch.get("boxes"))
             if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
                     and completed < max_train_steps):
+                settle_before_saving()
                 save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
-                                kill_before_commit=args.debug_kill_during_checkpoint == completed)
+                                kill_before_commit=args.debug_kill_during_checkpoint == completed,
+                                run_arguments=arguments)
                 last_saved = completed
             if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
                 import signal  # tests: die like a preempted job (SIGKILL, no cleanup)
@@ -888,18 +1087,22 @@ def main(argv=None):
                 done = True
                 break
         if args.checkpointing_steps == "epoch" and not done:
-            save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
+            settle_before_saving()
+            save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
+                            run_arguments=arguments)
             last_saved = completed
         epoch += 1
     progress.close()
 
     # ---- the end: last checkpoint, the model folder, the summary, the push -------------------------------------
+    settle_before_saving()
     if last_saved != completed:
-        save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit)
+        save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
+                        run_arguments=arguments)
     accelerator.wait_for_everyone()
-    total_skipped = int(accelerator.reduce(torch.tensor([state.skipped_images], device=accelerator.device), "sum")[0])
-    save_run(args, accelerator, model, unwrapped, processor, completed, total_skipped,
-             run_summary(args, config, teacher_mode, completed, total_skipped, effective_batch, lr, box_column))
+    summary = run_summary(args, config, teacher_mode, completed, state.skipped_images, effective_batch, lr, box_column)
+    summary["run_fingerprint"] = arguments_fingerprint(arguments)
+    save_run(args, accelerator, model, unwrapped, processor, completed, state.skipped_images, summary)
     if log_file is not None:
         log_file.close()
     if args.with_tracking:
