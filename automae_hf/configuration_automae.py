@@ -36,6 +36,10 @@ ENCODER_ARCHITECTURE_FIELDS = (
 )
 
 
+# How the pixels were normalised, for the student and for the teacher (the teacher re-normalises when all are set).
+NORMALIZATION_FIELDS = ("image_mean", "image_std", "teacher_image_mean", "teacher_image_std")
+
+
 # Every Auto class one folder loads with, written into the config so that `trust_remote_code` works through each
 # of them (save_pretrained alone records only the saving class; docs/pitfalls.md §7).
 AUTOMAE_AUTO_MAP = {
@@ -55,7 +59,8 @@ MASK_GENERATOR_AUTO_MAP = {
 AUTOMAE_PRESETS = {
     # The released code's settings, which are also the config's defaults.
     "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
-                      box_prior_alpha=0.5, attention_normalization="none", score_scale=1.0, score_head_init="default"),
+                      box_prior_alpha=0.5, attention_normalization="none", score_scale=1.0, score_head_init="default",
+                      score_head_lr_scale=1.0),
     # The scores drive the mask from the first step: standardised teacher maps, a head that starts as their mean, and
     # scores three times wider, against the reference's unchanged Gumbel noise; the chosen top-K's noise is raised by
     # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always (the masked set lies
@@ -63,9 +68,12 @@ AUTOMAE_PRESETS = {
     # teacher at its own patch grid, Fashion-MNIST, 300 steps, 3 seeds): the sampled top-K lies 80% on the garment and
     # 66% in the teacher's top-K (random: 53% and 25%), with every probe within the seeds' spread of plain MAE; at
     # beta 0.5 few-shot kNN fell 3.9 points below it. See benchmarks/RESULTS.md.
+    # The score head trains at a tenth of the student's learning rate (`score_head_lr_scale`, read by
+    # `AutoMAEForPreTraining.optimizer_param_groups`): at the full rate the reconstruction loss flattens the scores
+    # again in about 100 steps.
     "follow_teacher": dict(mask_factor=0.1, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
                            box_prior_alpha=0.5, attention_normalization="standardize", score_scale=3.0,
-                           score_head_init="attention"),
+                           score_head_init="attention", score_head_lr_scale=0.1),
     # The ablation's best (Fashion-MNIST, tiny ViT, 3 seeds): the learned scores alone pick the top-K (with the
     # reference's noise the sampled top-K barely beats chance). Ahead of the reference on 3 of 4 probes, but within
     # the seeds' spread of plain MAE: not a demonstrated gain.
@@ -127,11 +135,16 @@ def validate_teacher_config(teacher_config: dict | None) -> None:
     )
 
 
-def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
-    _check(0 < mask_ratio < 1, "mask_ratio", f"must lie in (0, 1), got {mask_ratio}")
+def validate_mask_ratio(mask_ratio, num_patches) -> None:
+    _check(isinstance(mask_ratio, (int, float)) and 0 < mask_ratio < 1, "mask_ratio",
+           f"must lie in (0, 1), got {mask_ratio!r}")
     visible = num_visible_patches(num_patches, mask_ratio)
     _check(visible >= 1, "mask_ratio", f"={mask_ratio} leaves no visible patch out of {num_patches}")
     _check(visible < num_patches, "mask_ratio", f"={mask_ratio} masks no patch out of {num_patches}")
+
+
+def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
+    validate_mask_ratio(mask_ratio, num_patches)
     _check(math.isfinite(mask_factor) and mask_factor >= 0, "mask_factor", f"must be finite and >= 0, got {mask_factor}")
     _check(math.isfinite(gumbel_tau) and gumbel_tau > 0, "gumbel_tau", f"must be finite and > 0, got {gumbel_tau}")
 
@@ -145,6 +158,20 @@ def validate_score_inputs(teacher_image_size, attention_normalization, score_sca
     _check(attention_normalization in ("none", "standardize"), "attention_normalization",
            f"must be 'none' or 'standardize', got {attention_normalization!r}")
     _check(math.isfinite(score_scale) and score_scale > 0, "score_scale", f"must be finite and > 0, got {score_scale}")
+
+
+def validate_normalization(mean, std, field: str, num_channels: int | None) -> None:
+    """`{field}_mean` / `{field}_std`: both `None`, or per-channel lists (one value, or one per channel)."""
+    mean_name, std_name = f"{field}_mean", f"{field}_std"
+    _check((mean is None) == (std is None), mean_name, f"and `{std_name}` must be given together, got {mean!r} and {std!r}")
+    if mean is None:
+        return
+    for name, values in ((mean_name, mean), (std_name, std)):
+        _check(isinstance(values, (list, tuple)) and all(isinstance(v, (int, float)) for v in values), name,
+               f"must be a list of numbers (one per channel), got {values!r}")
+        _check(len(values) == 1 or num_channels is None or len(values) == num_channels, name,
+               f"must have 1 or {num_channels} values, got {len(values)}")
+    _check(all(v > 0 for v in std), std_name, f"must be > 0, got {std!r}")
 
 
 def validate_noise_scale(gumbel_noise_scale) -> None:
@@ -205,6 +232,15 @@ class AutoMAEConfig(PreTrainedConfig):
         score_head_init (`str`, defaults to `"default"`):
             `"attention"`: the score head starts as ReLU(mean over heads) of its input, so that the first masks
             already follow the teacher (not in the reference, which starts from PyTorch's random init).
+        score_head_lr_scale (`float`, defaults to 1.0):
+            The score head's learning rate relative to the student's, in the groups of
+            `AutoMAEForPreTraining.optimizer_param_groups` (the reference: 1.0; the `follow_teacher` preset: 0.1).
+        image_mean, image_std (`list[float]`, *optional*):
+            How the `pixel_values` given to the model were normalised (one value per channel, or one for all).
+        teacher_image_mean, teacher_image_std (`list[float]`, *optional*):
+            The normalisation the teacher was trained with; `load_teacher` reads them from the teacher's
+            `preprocessor_config.json`. With all four set, the teacher reads the batch re-normalised its own way;
+            otherwise it reads the student's pixels unchanged (the reference).
     """
 
     model_type = "automae"
@@ -246,6 +282,11 @@ class AutoMAEConfig(PreTrainedConfig):
     attention_normalization: str = "none"
     score_scale: float = 1.0
     score_head_init: str = "default"
+    score_head_lr_scale: float = 1.0
+    image_mean: list | None = None
+    image_std: list | None = None
+    teacher_image_mean: list | None = None
+    teacher_image_std: list | None = None
 
     def __post_init__(self, **kwargs):
         # A ViTMAE folder's `model_type: vit_mae` must not stick to this instance (it would break weight renaming).
@@ -253,6 +294,9 @@ class AutoMAEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if hasattr(self.teacher_config, "to_dict"):
             self.teacher_config = self.teacher_config.to_dict()
+        for name in NORMALIZATION_FIELDS:  # lists, as JSON gives them back
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
         self.patch_size = square_patch_size(self.patch_size)
@@ -275,6 +319,11 @@ class AutoMAEConfig(PreTrainedConfig):
         validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
         _check(self.score_head_init in ("default", "attention"), "score_head_init",
                f"must be 'default' or 'attention', got {self.score_head_init!r}")
+        _check(isinstance(self.score_head_lr_scale, (int, float)) and math.isfinite(self.score_head_lr_scale)
+               and self.score_head_lr_scale >= 0, "score_head_lr_scale",
+               f"must be finite and >= 0, got {self.score_head_lr_scale!r}")
+        validate_normalization(self.image_mean, self.image_std, "image", self.num_channels)
+        validate_normalization(self.teacher_image_mean, self.teacher_image_std, "teacher_image", None)
         if self.masking == "learned":
             _check(min(grid) >= 4, "image_size",
                    f"/ patch_size give a {grid[0]}x{grid[1]} patch grid; the discriminator of masking='learned' needs "
@@ -335,6 +384,10 @@ class AutoMAEConfig(PreTrainedConfig):
             attention_normalization=self.attention_normalization,
             score_scale=self.score_scale,
             score_head_init=self.score_head_init,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            teacher_image_mean=self.teacher_image_mean,
+            teacher_image_std=self.teacher_image_std,
         )
 
 
@@ -347,7 +400,12 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         teacher_config (`dict`): config dict of the teacher, with `model_type` in `vit_mae`, `vit`, `dinov2`.
         teacher_name_or_path (`str`, *optional*): where the teacher's weights come from.
         image_size, patch_size, num_channels: the **student's** geometry; the mask lives on its patch grid.
-        mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale, score_hidden_channels: as in [`AutoMAEConfig`].
+        mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale, score_hidden_channels, teacher_image_size,
+        attention_normalization, score_scale, score_head_init, image_mean, image_std, teacher_image_mean,
+        teacher_image_std: as in [`AutoMAEConfig`].
+
+    Inside `AutoMAEForPreTraining` the mask generator uses the model's `AutoMAEConfig` itself (one source of truth);
+    this class is the config of a mask generator saved or built on its own.
     """
 
     model_type = "automae_mask_generator"
@@ -366,12 +424,19 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
     attention_normalization: str = "none"
     score_scale: float = 1.0
     score_head_init: str = "default"
+    image_mean: list | None = None
+    image_std: list | None = None
+    teacher_image_mean: list | None = None
+    teacher_image_std: list | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         if hasattr(self.teacher_config, "to_dict"):
             self.teacher_config = self.teacher_config.to_dict()
+        for name in NORMALIZATION_FIELDS:  # lists, as JSON gives them back
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         _set_auto_map(self, MASK_GENERATOR_AUTO_MAP)
         if self.teacher_config is None:  # a ViT-B/16 MAE, the reference teacher
             self.teacher_config = {"model_type": "vit_mae", "image_size": self.image_size, "patch_size": 16}
@@ -383,10 +448,20 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
         _check(self.score_head_init in ("default", "attention"), "score_head_init",
                f"must be 'default' or 'attention', got {self.score_head_init!r}")
+        validate_normalization(self.image_mean, self.image_std, "image", self.num_channels)
+        validate_normalization(self.teacher_image_mean, self.teacher_image_std, "teacher_image", None)
 
     @property
     def grid_size(self) -> tuple[int, int]:
         return validate_grid(self.image_size, self.patch_size, self.num_channels)
+
+    @property
+    def teacher_is_self(self) -> bool:
+        return self.teacher_name_or_path == TEACHER_SELF
+
+    def default_teacher_config(self) -> dict:
+        """The teacher's config dict (as `AutoMAEConfig.default_teacher_config`, so the generator reads either)."""
+        return dict(self.teacher_config)
 
     @property
     def num_patches(self) -> int:

@@ -320,6 +320,7 @@ class MaskingInputs:
     generator: torch.Generator | None = None
     boxes: Any = None
     box_format: str | None = None
+    mask_ratio: float | None = None  # this call's; the model's `config.mask_ratio` when `None`
 
     def noise_or_draw(self) -> torch.Tensor:
         """MAE's `[B, L]` U(0, 1) noise: the given one, or a fresh draw from `generator`."""
@@ -354,11 +355,12 @@ def _choose_learned(inputs: MaskingInputs) -> dict:
         teacher_attention=inputs.teacher_attention,
         noise=inputs.noise,
         gumbel_noise=inputs.gumbel_noise,
-        mask_ratio=config.mask_ratio,
+        mask_ratio=config.mask_ratio if inputs.mask_ratio is None else inputs.mask_ratio,
         mask_factor=config.mask_factor,
         gumbel_tau=config.gumbel_tau,
         generator=inputs.generator,
         gumbel_noise_scale=config.gumbel_noise_scale,
+        return_dict=True,
     )
     return dict(sampled)
 

@@ -25,7 +25,13 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEAttention, ViTMAE
 from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_automae import AutoMAEConfig, AutoMAEMaskGeneratorConfig, num_visible_patches
+from .configuration_automae import (
+    TEACHER_SELF,
+    AutoMAEConfig,
+    AutoMAEMaskGeneratorConfig,
+    num_visible_patches,
+    validate_mask_ratio,
+)
 from .masking import (
     MASKING_STRATEGIES,
     MaskingInputs,
@@ -43,6 +49,7 @@ from .teacher import (
     teacher_class,
     teacher_cls_attention,
     teacher_init_kwargs,
+    teacher_normalization,
 )
 
 # Keyword arguments of `from_pretrained` that also apply to loading the teacher from its own repository (the
@@ -562,25 +569,37 @@ def _build_teacher(teacher_config: dict):
 class AutoMAEMaskGenerator(PreTrainedModel):
     """Learns where to mask. Holds a frozen ViT-family teacher (`.teacher`; `None` when the student's own attention
     is the teacher, which the caller then passes as `teacher_attention`) and the score head (`.score_head`); savable
-    and loadable on its own (`AutoModel` maps `automae_mask_generator` here)."""
+    and loadable on its own (`AutoModel` maps `automae_mask_generator` here).
+
+    Its config is an `AutoMAEMaskGeneratorConfig` on its own and, inside `AutoMAEForPreTraining`, the model's
+    `AutoMAEConfig` itself, so that editing `model.config` is what the generator reads (both have its fields)."""
 
     config_class = AutoMAEMaskGeneratorConfig
-    config: AutoMAEMaskGeneratorConfig
+    config: AutoMAEMaskGeneratorConfig | AutoMAEConfig
     main_input_name = "pixel_values"
     base_model_prefix = "mask_generator"
     input_modalities = ("image",)
+    # It shares the student's config inside AutoMAEForPreTraining, so it accepts the student's attention backends
+    # (its teacher keeps a config of its own, on SDPA).
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["score_head"]
 
-    def __init__(self, config: AutoMAEMaskGeneratorConfig):
+    def __init__(self, config: AutoMAEMaskGeneratorConfig | AutoMAEConfig):
         super().__init__(config)
-        self.teacher = _build_teacher(config.teacher_config)
-        heads = self.teacher.config.num_attention_heads if self.teacher is not None else config.teacher_config["num_attention_heads"]
+        teacher_config = config.default_teacher_config()
+        self.teacher = _build_teacher(teacher_config)
+        heads = self.teacher.config.num_attention_heads if self.teacher is not None else teacher_config["num_attention_heads"]
         self.score_head = AutoMAEScoreHead(heads, config.score_hidden_channels)
         self.post_init()
         self.freeze_teacher()
         if config.score_head_init == "attention" and self.score_head[0].weight.device.type != "meta":
             self.score_head.follow_attention_()
+        # Whether the teacher holds pretrained weights (from `load_teacher` or a checkpoint), not its random init.
+        self.teacher_is_pretrained = False
+        self._warned_coarse_teacher = self._warned_student_normalization = False  # each warning once per model
 
     def _init_weights(self, module):
         _init_module(module, self.config)
@@ -599,9 +618,51 @@ class AutoMAEMaskGenerator(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        (model[0] if isinstance(model, tuple) else model).freeze_teacher()
-        return model
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model.freeze_teacher()
+        model.complete_teacher(info.get("missing_keys") or [], {k: kwargs[k] for k in TEACHER_LOADING_KWARGS if k in kwargs})
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves the generator with its own `AutoMAEMaskGeneratorConfig`, also when it shares an `AutoMAEConfig`."""
+        shared = self.config
+        if isinstance(shared, AutoMAEConfig):
+            self.config = shared.mask_generator_config()
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = shared
+
+    def complete_teacher(self, missing_keys: list[str], loading_kwargs: dict | None = None) -> None:
+        """After loading a checkpoint (`missing_keys` relative to this module): a teacher the checkpoint carried is
+        pretrained; a missing one is loaded from `config.teacher_name_or_path` (which raises when that fails), or,
+        when no teacher is named, rebuilt at random with a warning."""
+        if self.teacher is None:
+            return
+        if not any(key.startswith("teacher.") for key in missing_keys):
+            self.teacher_is_pretrained = True
+            return
+        name = self.config.teacher_name_or_path
+        if name and name != TEACHER_SELF:
+            self.load_teacher(name, **(loading_kwargs or {}))
+            return
+        logger.warning(
+            "The checkpoint has no teacher weights and config.teacher_name_or_path is unset: the mask generator's "
+            "teacher is randomly initialised. Call model.load_teacher(<pretrained ViT/ViTMAE/DINOv2>) before training."
+        )
+        # transformers' ViTMAE init leaves some tensors raw when the whole teacher is missing: build a clean one.
+        placeholder = next(self.teacher.parameters())  # the device and dtype the model was loaded with
+        self.teacher = _build_teacher(self.config.default_teacher_config()).to(placeholder.device, placeholder.dtype)
+        self.freeze_teacher()
+
+    def unloaded_teacher_name(self) -> str | None:
+        """The teacher `config.teacher_name_or_path` names while the teacher still holds its random init (a model
+        built from a config: constructors read no files), else `None`."""
+        name = self.config.teacher_name_or_path
+        if self.teacher is None or not name or name == TEACHER_SELF or self.teacher_is_pretrained:
+            return None
+        return name
 
     def load_teacher(self, name_or_path: str, fresh: bool = False, **kwargs) -> None:
         """Replaces the teacher by pretrained weights (Hub id or folder of a ViTMAE / ViT / DINOv2 checkpoint,
@@ -638,6 +699,21 @@ class AutoMAEMaskGenerator(PreTrainedModel):
         self.config.teacher_config = teacher_config
         self.config.teacher_name_or_path = str(name_or_path)
         self.freeze_teacher()
+        self.teacher_is_pretrained = True
+        self._warned_coarse_teacher = self._warned_student_normalization = False  # a new teacher: warn anew
+        normalization = teacher_normalization(name_or_path, **kwargs)
+        self.config.teacher_image_mean, self.config.teacher_image_std = normalization or (None, None)
+        if normalization is None:
+            logger.info(
+                f"Teacher {str(name_or_path)!r} has no preprocessor_config.json with image_mean / image_std: "
+                "config.teacher_image_mean / teacher_image_std are unset, so the teacher reads the batch normalised "
+                "as the student's; set them to the normalisation the teacher was trained with"
+            )
+        else:
+            logger.info(
+                f"Teacher {str(name_or_path)!r} expects pixels normalised with mean {normalization[0]} and std "
+                f"{normalization[1]} (its preprocessor_config.json): config.teacher_image_mean / teacher_image_std"
+            )
 
     def teacher_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, heads, h, w]` CLS attention of the teacher, on the student's patch grid."""
@@ -646,18 +722,45 @@ class AutoMAEMaskGenerator(PreTrainedModel):
                 "This mask generator's teacher is the student itself (teacher 'self'): pass teacher_attention, e.g. "
                 "from AutoMAEForPreTraining.teacher_attention(pixel_values)"
             )
+        name = self.unloaded_teacher_name()
+        if name is not None:
+            raise ValueError(
+                f"config.teacher_name_or_path={name!r} names a teacher that is not loaded (a model built from a "
+                f"config reads no files; its teacher is random): call model.load_teacher({name!r}), or load the "
+                "model with from_pretrained"
+            )
         patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         attention = teacher_cls_attention(self.teacher, self.teacher_input(pixel_values, grid))
+        self._warn_if_coarser_than(tuple(attention.shape[-2:]), grid, patch)
         return resize_attention(attention, grid)
 
+    def _warn_if_coarser_than(self, teacher_grid: tuple[int, int], grid: tuple[int, int], patch: int) -> None:
+        """Once per model: the teacher's map has fewer patches than the student's grid and is blown up to it."""
+        if self._warned_coarse_teacher or self.config.teacher_image_size is not None:
+            return
+        if teacher_grid[0] >= grid[0] and teacher_grid[1] >= grid[1]:
+            return
+        self._warned_coarse_teacher = True
+        teacher_patch = self.teacher.config.patch_size
+        teacher_patch = teacher_patch if isinstance(teacher_patch, int) else teacher_patch[0]
+        logger.warning(
+            f"The teacher's attention map is {teacher_grid[0]}x{teacher_grid[1]} (patch {teacher_patch} px), coarser "
+            f"than the student's {grid[0]}x{grid[1]} grid (patch {patch} px), and is upsampled to it: set "
+            'teacher_image_size="match_grid" so that the teacher reads each student patch at its own patch size'
+        )
+
     def teacher_input(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The student's batch as the teacher reads it: the channel repeated for an RGB teacher on grayscale data
-        (as image processors convert), resized to `config.teacher_image_size` ("match_grid": the teacher's patch
-        size times the student's grid, so each teacher patch covers one student patch)."""
+        """The student's batch as the teacher reads it: re-normalised from the student's `image_mean` / `image_std`
+        to the teacher's `teacher_image_mean` / `teacher_image_std` when all are known, the channel repeated for an
+        RGB teacher on grayscale data (as image processors convert), resized to `config.teacher_image_size`
+        ("match_grid": the teacher's patch size times the student's grid, so each teacher patch covers one student
+        patch). `[B, C, H, W]` -> `[B, teacher channels, H', W']`."""
         teacher_config = self.teacher.config
-        if pixel_values.shape[1] == 1 and getattr(teacher_config, "num_channels", 1) == 3:
+        teacher_channels = getattr(teacher_config, "num_channels", 3)
+        if pixel_values.shape[1] == 1 and teacher_channels == 3:
             pixel_values = pixel_values.expand(-1, 3, -1, -1)
+        pixel_values = self._renormalize_for_teacher(pixel_values)
         size = self.config.teacher_image_size
         if size is None:
             return pixel_values
@@ -670,6 +773,42 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             return pixel_values
         return F.interpolate(pixel_values.float(), size=size, mode="bicubic", align_corners=False,
                              antialias=True).to(pixel_values.dtype)
+
+    def _renormalize_for_teacher(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]` normalised with the student's statistics -> the same images normalised with the teacher's
+        (per channel; statistics given once apply to every channel). Unchanged when either side is unknown (with a
+        warning once, for a pretrained teacher) or both agree."""
+        config = self.config
+        if config.image_mean is None or config.teacher_image_mean is None:
+            if self.teacher_is_pretrained and not self._warned_student_normalization:
+                self._warned_student_normalization = True
+                logger.warning(
+                    "The teacher reads the batch normalised as the student's: set config.image_mean / image_std (how "
+                    "pixel_values are normalised) and config.teacher_image_mean / teacher_image_std (what the teacher "
+                    "expects; load_teacher reads them from its preprocessor_config.json) to re-normalise its input"
+                )
+            return pixel_values
+        channels = pixel_values.shape[1]
+
+        def per_channel(values, name):
+            values = [float(v) for v in values]
+            if len(values) not in (1, channels):
+                raise ValueError(f"config.{name} has {len(values)} values for a {channels}-channel teacher input")
+            return values * channels if len(values) == 1 else values
+
+        mean, std = per_channel(config.image_mean, "image_mean"), per_channel(config.image_std, "image_std")
+        teacher_mean = per_channel(config.teacher_image_mean, "teacher_image_mean")
+        teacher_std = per_channel(config.teacher_image_std, "teacher_image_std")
+        scale = [s / t for s, t in zip(std, teacher_std)]
+        shift = [(m - tm) / t for m, tm, t in zip(mean, teacher_mean, teacher_std)]
+        if all(v == 1.0 for v in scale) and all(v == 0.0 for v in shift):
+            return pixel_values
+        logger.info_once(
+            f"The teacher reads the batch re-normalised from mean {mean} / std {std} to its own mean {teacher_mean} / "
+            f"std {teacher_std}"
+        )
+        x = as_float32(pixel_values)
+        return x * x.new_tensor(scale).view(1, -1, 1, 1) + x.new_tensor(shift).view(1, -1, 1, 1)
 
     def scores(self, teacher_attention: torch.Tensor) -> torch.Tensor:
         """`[B, heads, h, w]` teacher maps -> `[B, h*w]` float32 log-probabilities over patches: the score head on the
@@ -706,7 +845,9 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             noise: `[B, L]` U(0, 1) MAE noise (lowest kept); drawn when `None`.
             gumbel_noise: `[B, L]` Gumbel(0, 1) noise of the sample; drawn when `None`.
             mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale: override the config for this call.
+            return_dict: a tuple of the output's fields when `False` (the config's `return_dict` when `None`).
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         mask_factor = self.config.mask_factor if mask_factor is None else mask_factor
         gumbel_tau = self.config.gumbel_tau if gumbel_tau is None else gumbel_tau
@@ -717,6 +858,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             teacher_attention = self.teacher_attention(pixel_values)
         mask_logits = self.scores(teacher_attention)
         batch, num_patches = mask_logits.shape
+        validate_mask_ratio(mask_ratio, num_patches)
         num_visible = num_visible_patches(num_patches, mask_ratio)
         mask_probs = gumbel_softmax_sample(mask_logits, gumbel_tau, gumbel_noise, generator, noise_scale)
         topk = straight_through_topk(mask_probs, num_visible)  # the K most likely patches: masked for sure
@@ -726,7 +868,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             raise ValueError(f"Expected noise of shape [{batch}, {num_patches}], got {tuple(noise.shape)}")
         raised_noise = noise.to(topk.dtype) + mask_factor * topk
         ids_keep, mask, ids_restore = argsort_masking(raised_noise.detach(), num_visible)
-        return AutoMAEMaskGeneratorOutput(
+        output = AutoMAEMaskGeneratorOutput(
             mask=mask,
             ids_restore=ids_restore,
             ids_keep=ids_keep,
@@ -735,6 +877,7 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             raised_noise=raised_noise,
             teacher_attention=teacher_attention,
         )
+        return output if return_dict else output.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -758,26 +901,18 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         self.vit = AutoMAEModel(config)
         self.decoder = AutoMAEDecoder(config)
         strategy = MASKING_STRATEGIES[config.masking]
-        self.mask_generator = AutoMAEMaskGenerator(config.mask_generator_config()) if strategy.uses_teacher else None
+        # The generator reads this very config object: editing `model.config` is what it uses and what is saved.
+        self.mask_generator = AutoMAEMaskGenerator(config) if strategy.uses_teacher else None
         self.discriminator = AutoMAEDiscriminator(config.grid_size) if strategy.learns_mask else None
         self.post_init()
         self.refreeze()
-        self._load_named_teacher()
-
-    def _load_named_teacher(self) -> None:
-        """A model built directly from a config naming its teacher loads that teacher, or says loudly why not
-        (under `from_pretrained` the weights are not materialised yet: loading happens after, in `_after_loading`)."""
-        name = self.config.teacher_name_or_path
-        if self.mask_generator is None or not name or self.config.teacher_is_self:
-            return
-        if self.vit.embeddings.cls_token.device.type == "meta":
-            return
-        try:
-            self.load_teacher(name, fresh=True)
-        except Exception as error:  # noqa: BLE001  (offline, typo, gated: the model stays usable, the user is told)
+        # Constructors read no files (as in transformers): `from_pretrained` or `load_teacher` loads a named teacher.
+        name = self.mask_generator.unloaded_teacher_name() if self.mask_generator is not None else None
+        if name is not None and self.vit.embeddings.cls_token.device.type != "meta":
             logger.warning(
-                f"config.teacher_name_or_path={name!r} could not be loaded ({' '.join(str(error).split())}): the "
-                "teacher is randomly initialised. Call model.load_teacher(...) before training."
+                f"config.teacher_name_or_path={name!r}: the constructor reads no files, so the teacher is random "
+                f"until model.load_teacher({name!r}) (from_pretrained loads it); until then the model refuses to run "
+                "it, and save_pretrained leaves its weights out"
             )
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
@@ -791,21 +926,24 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             self.mask_generator.score_head.requires_grad_(False)  # attention masking: only the teacher is read
 
     def _after_loading(self, loading_info: dict, loading_kwargs: dict | None = None) -> None:
-        missing = loading_info.get("missing_keys") or []
-        if self.mask_generator is None or not any(key.startswith("mask_generator.teacher.") for key in missing):
+        if self.mask_generator is None:
             return
-        if self.config.teacher_name_or_path:  # also records the teacher's config in ours
-            self.load_teacher(self.config.teacher_name_or_path, **(loading_kwargs or {}))
-            return
-        # transformers' ViTMAE init leaves some tensors raw when the whole teacher is missing: build a clean one.
-        logger.warning(
-            "The checkpoint has no teacher weights and config.teacher_name_or_path is unset: the mask generator's "
-            "teacher is randomly initialised. Call model.load_teacher(<pretrained ViT/ViTMAE/DINOv2>) before training."
-        )
-        dtype = self.mask_generator.score_head[0].weight.dtype
-        device = self.mask_generator.score_head[0].weight.device
-        self.mask_generator.teacher = _build_teacher(self.mask_generator.config.teacher_config).to(device, dtype)
+        prefix = "mask_generator."
+        missing = [key[len(prefix) :] for key in loading_info.get("missing_keys") or [] if key.startswith(prefix)]
+        self.mask_generator.complete_teacher(missing, loading_kwargs)  # loads a named teacher or raises
         self.refreeze()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers'; a teacher that `config.teacher_name_or_path` names but that was never loaded is left out
+        of the folder (its weights are random), so that `from_pretrained` loads the named one."""
+        name = self.mask_generator.unloaded_teacher_name() if self.mask_generator is not None else None
+        if name is not None and kwargs.get("state_dict") is None:
+            logger.warning(f"The teacher {name!r} was never loaded: the folder carries no teacher weights, "
+                           "from_pretrained will load them")
+            kwargs["state_dict"] = {
+                key: value for key, value in self.state_dict().items() if not key.startswith("mask_generator.teacher.")
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def teacher_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -829,9 +967,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if self.mask_generator is None:
             users = [name for name, strategy in MASKING_STRATEGIES.items() if strategy.uses_teacher]
             raise ValueError(f"masking={self.config.masking!r} uses no teacher; load_teacher needs one of {users}")
-        self.mask_generator.load_teacher(name_or_path, fresh=fresh, **kwargs)
-        self.config.teacher_config = self.mask_generator.config.teacher_config
-        self.config.teacher_name_or_path = str(name_or_path)
+        self.mask_generator.load_teacher(name_or_path, fresh=fresh, **kwargs)  # writes self.config's teacher fields
         self.refreeze()
 
     def student_parameters(self):
@@ -842,6 +978,42 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             for name, p in self.named_parameters()
             if p.requires_grad and not name.startswith(("discriminator.", "mask_generator.teacher."))
         ]
+
+    def optimizer_param_groups(self, weight_decay: float, learning_rate: float | None = None) -> list[dict]:
+        """AdamW parameter groups of the student step (`student_parameters()`), e.g.
+        `torch.optim.AdamW(model.optimizer_param_groups(0.05, lr))`.
+
+        Weight decay applies to matrices only, not to biases, norms, tokens or position tables, as in MAE. The two
+        student groups (decay, no decay) always exist, with `"lr": learning_rate` when it is given. With
+        `config.score_head_lr_scale != 1` the score head has groups of its own whose `"lr"` is
+        `learning_rate * score_head_lr_scale` (with `learning_rate=None`, an `"lr_scale"` key holds the factor
+        instead, for the caller to apply); at 1 it sits in the student groups.
+        A learning-rate scheduler (e.g. transformers' `get_scheduler`) multiplies every group's initial rate by the
+        same factor, so the ratio holds for the whole schedule.
+        """
+        scale = float(self.config.score_head_lr_scale)
+        head_ids = set()
+        if scale != 1.0 and self.mask_generator is not None:
+            head_ids = {id(p) for p in self.mask_generator.score_head.parameters()}
+        student_ids = {id(p) for p in self.student_parameters()}
+        groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (score head, decay)
+        for name, param in self.named_parameters():
+            if id(param) not in student_ids:
+                continue
+            decay = not (param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower() or "token" in name
+                         or "position" in name)
+            groups[(id(param) in head_ids, decay)].append(param)
+        out = []
+        for (head, decay), params in groups.items():
+            if head and not params:
+                continue
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            if learning_rate is not None:
+                group["lr"] = learning_rate * scale if head else learning_rate
+            elif head:
+                group["lr_scale"] = scale
+            out.append(group)
+        return out
 
     def discriminator_parameters(self):
         return list(self.discriminator.parameters()) if self.discriminator is not None else []
@@ -891,7 +1063,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         generator: torch.Generator | None = None,
         boxes=None,
         box_format: str | None = None,
-        **kwargs,
+        mask_ratio: float | None = None,
     ):
         """
         Args:
@@ -906,6 +1078,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 image's boxes (borders included); `None` or no boxes gives plain random masking for that image.
             box_format: coordinates of `boxes`, `config.box_format` when `None`: `"xyxy"` (pixels of
                 `pixel_values`), `"xyxy_normalized"` ([0, 1]) or `"xywh"` (COCO pixels).
+            mask_ratio: share of patches masked in this call (`config.mask_ratio` when `None`), as MAE's
+                `forward(imgs, mask_ratio)`.
         Returns:
             `AutoMAEForPreTrainingOutput`.
         """
@@ -913,6 +1087,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             raise ValueError("AutoMAEForPreTraining needs pixel_values of shape [batch_size, channels, height, width]")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         grid = self.vit.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        validate_mask_ratio(mask_ratio, grid[0] * grid[1])
         strategy = MASKING_STRATEGIES[self.config.masking]
         if boxes is not None and not strategy.reads_boxes:
             raise ValueError(f"`boxes` are only read with masking='box_prior', this model has masking={self.config.masking!r}")
@@ -923,7 +1099,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                 model=self,
                 pixel_values=pixel_values,
                 grid=grid,
-                num_visible=num_visible_patches(grid[0] * grid[1], self.config.mask_ratio),
+                num_visible=num_visible_patches(grid[0] * grid[1], mask_ratio),
+                mask_ratio=mask_ratio,
                 noise=noise,
                 gumbel_noise=gumbel_noise,
                 teacher_attention=teacher_attention,
@@ -1038,9 +1215,10 @@ class AutoMAEForImageClassification(AutoMAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
-        **kwargs,
     ):
-        """`labels`: `[B]` class indices (or floats for regression, multi-hot for multi-label)."""
+        """`labels`: `[B]` class indices (or floats for regression, multi-hot for multi-label). No `**kwargs`: an
+        unknown argument raises `TypeError`, and the HF Trainer, seeing none, scales the loss for gradient
+        accumulation itself (it passes `num_items_in_batch` only to a forward that takes `**kwargs`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         requested = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         outputs = self.vit(

@@ -102,6 +102,22 @@ def build_teacher(teacher_config: dict):
     return model_class(config, **teacher_init_kwargs(model_type))
 
 
+def teacher_normalization(name_or_path, **kwargs) -> tuple[list[float], list[float]] | None:
+    """`(image_mean, image_std)` from the `preprocessor_config.json` of a teacher's folder or Hub repository, or `None`
+    when it has none (or names no mean / std). `kwargs`: `cache_dir`, `token`, `local_files_only`, ..."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        values, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **kwargs)
+    except OSError:  # no preprocessor_config.json there
+        return None
+    mean, std = values.get("image_mean"), values.get("image_std")
+    if mean is None or std is None:
+        return None
+    as_list = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)]  # noqa: E731
+    return as_list(mean), as_list(std)
+
+
 def _layers(teacher):
     layers = getattr(teacher, "layers", None)
     return layers if layers is not None else teacher.encoder.layer
@@ -137,6 +153,8 @@ def teacher_cls_attention(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
     config = teacher.config
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    # A bf16 teacher reads float32 pixels too (its patch convolution refuses a dtype other than its weights').
+    pixel_values = pixel_values.to(teacher.embeddings.patch_embeddings.projection.weight.dtype)
     hidden_states = _embed(teacher, pixel_values)
     layers = _layers(teacher)
     for layer in layers[:-1]:

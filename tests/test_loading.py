@@ -455,7 +455,7 @@ def test_mask_generator_roundtrip(folders, loader):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert_state_dicts_equal(loaded.state_dict(), original.state_dict(), "mask generator")
     assert_teacher_frozen(loaded)
-    assert loaded.config.teacher_config["model_type"] == original.config.teacher_config["model_type"]
+    assert loaded.config.teacher_config["model_type"] == original.config.default_teacher_config()["model_type"]
     x = images()
     torch.testing.assert_close(loaded.teacher_attention(x), original.teacher_attention(x), atol=1e-7, rtol=1e-6)
 
@@ -596,13 +596,33 @@ def test_load_teacher_adapts_the_score_head_to_the_teachers_heads(teacher_folder
     assert output.mask_logits.shape == (2, 64) and torch.isfinite(output.loss)
 
 
-def test_a_config_naming_its_teacher_loads_it_or_says_why_not(teacher_folders, tmp_path, caplog):
+def test_a_config_naming_its_teacher_is_loaded_by_load_teacher_not_by_the_constructor(teacher_folders, monkeypatch):
+    """Constructors read no files; a named teacher that was never loaded is neither run nor saved as that teacher."""
+    from automae_hf import modeling_automae
+
     folder, teacher_config = teacher_folders["ViTModel"]
-    model = AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path=str(folder)))
+    config = make_tiny_config(teacher_config=teacher_config.to_dict(), teacher_name_or_path=str(folder))
+    with monkeypatch.context() as patched:
+        patched.setattr(modeling_automae.AutoMAEMaskGenerator, "load_teacher", lambda *a, **k: pytest.fail("I/O"))
+        model = AutoMAEForPreTraining(config)
+    with pytest.raises(ValueError, match=r"not loaded.*load_teacher"):
+        model(images())
+    model.load_teacher(str(folder))
     reference = ViTModel.from_pretrained(folder, add_pooling_layer=False)
     assert_state_dicts_equal(model.mask_generator.teacher.state_dict(), reference.state_dict(), "teacher")
-    AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path=str(tmp_path / "no_such_folder")))
-    assert "could not be loaded" in caplog.text and "does not exist" in caplog.text
+    assert torch.isfinite(model(images()).loss)
+
+
+def test_a_named_teacher_that_cannot_be_loaded_raises(teacher_folders, tmp_path):
+    model = AutoMAEForPreTraining(make_tiny_config())
+    with pytest.raises(ValueError, match="does not exist"):
+        model.load_teacher(str(tmp_path / "no_such_folder"))
+    # A folder without teacher weights naming a teacher that is not there: from_pretrained raises, no random teacher.
+    named = AutoMAEForPreTraining(make_tiny_config(teacher_name_or_path=str(tmp_path / "no_such_folder")))
+    named.save_pretrained(tmp_path / "named")
+    assert not any(k.startswith("mask_generator.teacher.") for k in keys_of(tmp_path / "named"))
+    with pytest.raises(ValueError, match="does not exist"):
+        AutoMAEForPreTraining.from_pretrained(tmp_path / "named")
 
 
 def test_teacher_self_builds_and_saves_no_teacher(tmp_path):

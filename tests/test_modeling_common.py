@@ -101,14 +101,15 @@ def test_save_and_load_round_trip(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_loading_with_bfloat16_runs_and_keeps_the_mask_in_float32(case, tmp_path):
-    build(case).save_pretrained(tmp_path)
-    model = type(build(case)).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    inputs = inputs_for(case, dtype=torch.bfloat16)
+def test_loading_with_bfloat16_reads_float32_pixels_agrees_with_float32_and_keeps_the_mask_in_float32(case, tmp_path):
+    reference = build(case)
+    reference.save_pretrained(tmp_path)
+    model = type(reference).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    inputs = inputs_for(case)  # float32 pixel_values, as an image processor gives them
     with torch.no_grad():
-        output = model(**inputs)
-    for name, tensor in main_outputs(case, output).items():
-        assert torch.isfinite(tensor.float()).all(), name
+        output, expected = model(**inputs), reference(**inputs)
+    # bf16 keeps 8 bits of mantissa: a few percent on outputs of two blocks; the masks are the same ones.
+    assert_outputs_close(case, output, expected, atol=5e-2, rtol=5e-2)
     generator = getattr(model, "mask_generator", model if case == "mask_generator" else None)
     if generator is not None:
         assert generator.score_head[0].weight.dtype == torch.float32  # kept in float32 by from_pretrained
@@ -214,7 +215,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_every_bl
 @pytest.mark.parametrize("case", CASES)
 def test_half_precision_weights_forward_and_backward_are_finite(case, dtype):
     model = build(case).to(dtype).train()
-    inputs = inputs_for(case, dtype=dtype)
+    inputs = inputs_for(case)  # float32 pixel_values into half-precision weights: the model casts them
     output = model(**inputs)
     loss = differentiable_loss(case, output)
     loss.backward()

@@ -111,8 +111,8 @@ def test_a_teacher_with_other_heads_gets_a_head_that_follows_it_with_the_preset(
     torch.manual_seed(0)
     ViTModel(ViTConfig(**{k: v for k, v in VIT_TEACHER.items() if k != "model_type"}), add_pooling_layer=False
              ).save_pretrained(tmp_path / "teacher")
-    model = AutoMAEForPreTraining(make_tiny_config(**AUTOMAE_PRESETS["follow_teacher"], teacher_image_size="match_grid",
-                                                   teacher_name_or_path=str(tmp_path / "teacher")))
+    model = AutoMAEForPreTraining(make_tiny_config(**AUTOMAE_PRESETS["follow_teacher"], teacher_image_size="match_grid"))
+    model.load_teacher(str(tmp_path / "teacher"), fresh=True)
     head = model.mask_generator.score_head
     assert head[0].in_channels == 4 and "re-initialised" not in caplog.text  # a fresh model: resized quietly
     assert torch.allclose(head[0].weight[0, :, 1, 1], torch.full((4,), 0.25))  # hidden channel 0 = mean of heads
