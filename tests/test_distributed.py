@@ -125,3 +125,36 @@ def test_two_machines_on_localhost_end_bit_identical(data, ddp_run, tmp_path, no
     rank0, rank1 = torch.load(tmp_path / "weights_rank0.pt"), torch.load(tmp_path / "weights_rank1.pt")
     assert_same_weights(rank0, rank1)
     assert_same_weights(torch.load(ddp_out / "weights_rank0.pt"), rank0)
+
+
+@pytest.mark.slow
+def test_skip_count_is_summed_over_processes_across_a_resume(tmp_path, no_python):
+    """One undecodable image in 12, two processes, two epochs: it is skipped once per epoch, by whichever process
+    draws it. A run resumed at the epoch boundary reports the same 2: the count is summed over the processes before
+    each save (every process reloads rank 0's copy), and the logged metrics are means over both processes."""
+    import io
+    import json
+
+    import datasets
+
+    items = []
+    for image in synthetic_images(12, seed=1):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        items.append({"bytes": buffer.getvalue(), "path": None})
+    items[5] = {"bytes": b"\x89PNG\r\n\x1a\n this is not a png", "path": None}
+    data = tmp_path / "corrupt"
+    datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False)).save_to_disk(data)
+
+    def two_epochs(out, *extra):  # 12 images = 2 steps of 2 x 3 per epoch
+        return common(data, out, 4, "--per_device_train_batch_size", 3, "--checkpointing_steps", 2, *extra)
+
+    launch(TWO_PROCESSES, PRETRAIN, two_epochs(tmp_path / "whole"), 29521, no_python)
+    launch(TWO_PROCESSES, PRETRAIN, two_epochs(tmp_path / "resumed", "--resume_from_checkpoint",
+                                              tmp_path / "whole" / "checkpoints" / "step_2"), 29522, no_python)
+    logs = {}
+    for name in ("whole", "resumed"):
+        assert json.loads((tmp_path / name / "train_summary.json").read_text())["skipped_images"] == 2, name
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        assert logs[name][-1]["skipped_images"] == 2, name
+    assert logs["resumed"][-1]["loss"] == pytest.approx(logs["whole"][-1]["loss"], abs=1e-6)

@@ -906,7 +906,7 @@ def main(argv=None):
             parser.error(f"--resume_from_checkpoint: {str(resume_path)!r} is at step {state.completed_steps}, past the "
                          f"{max_train_steps} steps asked for (--max_train_steps / --num_train_epochs)")
     prepare_output_dir(args, accelerator, arguments)
-    if accelerator.is_main_process and resume_path is not None:
+    if accelerator.is_main_process and args.resume_from_checkpoint:  # step 0 when no checkpoint was found
         keep_log_until(output_dir / "train_log.jsonl", state.completed_steps)
     if args.with_tracking:
         accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
