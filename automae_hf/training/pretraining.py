@@ -78,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset_name", default=None,
-                   help="Hub data set name, or a local folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`.")
+                   help="A Hub data set id, a folder written by `save_to_disk` (e.g. the main job's "
+                        "outputs/default/data), or an image-folder root with split sub-folders (train/, test/, each one "
+                        "folder per class); docs/training.md, 'Data layout'.")
     d.add_argument("--dataset_config_name", default=None, help="Configuration name of the Hub data set.")
     d.add_argument("--dataset_split", default="train", help="Split to train on.")
-    d.add_argument("--train_dir", default=None, help="A local image folder (loaded with the `imagefolder` builder).")
+    d.add_argument("--train_dir", default=None,
+                   help="One split's image folder instead of --dataset_name (every image in it, any sub-folders).")
     d.add_argument("--image_column_name", default=None,
                    help=f"Column holding the images; detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
     d.add_argument("--streaming", action="store_true", help="Stream the data set (needs --max_train_steps).")
