@@ -186,6 +186,13 @@ def test_every_command_line_reads_a_folder_by_one_rule(image_folder_root, tmp_pa
     from_disk, column, _ = pretraining_images("--dataset_name", str(saved))
     assert len(from_disk) == 6 and column == "image"
     assert isinstance(load_image_dataset(parser, str(image_folder_root)), datasets.DatasetDict)
+    from automae_hf.training import finetuning
+
+    finetune_parser, _, data_args, _ = finetuning.parse_arguments(
+        ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "ft"), "--dataset_name", str(image_folder_root),
+         "--validation_split_percentage", "40"])
+    splits = finetuning.load_splits(data_args, finetune_parser, seed=0)
+    assert (len(splits.train) + len(splits.evaluation), len(splits.test)) == (6, 4)  # root: train/ and test/
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):

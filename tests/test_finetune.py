@@ -142,10 +142,9 @@ def test_every_old_flag_is_still_accepted_and_means_the_same():
     assert args.hub_private_repo is True and args.hub_revision == "v3"
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # transformers' rename
 def test_defaults_and_trainer_flags():
     _, _, _, args = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "none",
-                                              "--gradient_checkpointing", "--resume_from_checkpoint", "last",
+                                              "--activation_checkpointing", "--resume_from_checkpoint", "last",
                                               "--hub_strategy", "end", "--optim", "adamw_torch"])
     assert (args.learning_rate, args.weight_decay, args.num_train_epochs, args.per_device_train_batch_size) == \
         (1e-3, 0.05, 10.0, 64)
@@ -153,7 +152,7 @@ def test_defaults_and_trainer_flags():
         ("cosine", "epoch", "epoch", True)
     assert (args.metric_for_best_model, args.greater_is_better, args.remove_unused_columns, args.layer_decay) == \
         ("accuracy", True, False, 0.75)
-    assert args.report_to == [] and args.gradient_checkpointing and args.resume_from_checkpoint == "last"
+    assert args.report_to == [] and args.activation_checkpointing and args.resume_from_checkpoint == "last"
     assert (args.hub_strategy, args.optim) == ("end", "adamw_torch")
     assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)  # workers outlive tiny epochs
     assert finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o"])[3].optim == "adamw_torch_fused"

@@ -193,8 +193,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_every_bl
     for checkpointing in (False, True):
         model = build(case).train()
         if checkpointing:
-            with pytest.warns(FutureWarning):  # transformers 5.x's old name, still what the Trainer calls
-                model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         calls = {"n": 0}
         blocks = list(model.vit.encoder.layer if hasattr(model, "vit") else model.encoder.layer)
         blocks += list(model.decoder.decoder_layers) if hasattr(model, "decoder") else []

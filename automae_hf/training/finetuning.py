@@ -11,7 +11,7 @@ Hugging Face `Trainer`, on `HfArgumentParser` + `TrainingArguments` like transfo
     python training/finetune.py ... --resume_from_checkpoint last                             # or a checkpoint folder
     python training/finetune.py args.json                                                     # every flag from a file
 
-Every `TrainingArguments` flag works (`--report_to`, `--gradient_checkpointing`, `--torch_compile`, `--fsdp`,
+Every `TrainingArguments` flag works (`--report_to`, `--activation_checkpointing`, `--torch_compile`, `--fsdp`,
 `--deepspeed`, `--hub_strategy`, ...); the defaults differ where MAE's recipe does (lr 1e-3, weight decay 0.05,
 10 epochs, cosine schedule with 10% warm-up, evaluation and checkpoints every epoch, the best checkpoint restored at
 the end). The old hub spellings `--private` and `--revision` still work (aliases of `--hub_private_repo` and
@@ -44,7 +44,15 @@ from PIL import Image
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
-from .data import IMAGE_COLUMN_CANDIDATES, EpochDataset, decode_image, one_line, random_resized_crop_box
+from .data import (
+    DATA_LAYOUT,
+    IMAGE_COLUMN_CANDIDATES,
+    EpochDataset,
+    decode_image,
+    load_image_dataset,
+    one_line,
+    random_resized_crop_box,
+)
 from .hub import push_folder
 from .model_card import dataset_label, public_name
 
@@ -82,7 +90,7 @@ class ModelArguments:
 class DataArguments:
     """Where the images come from, which columns hold them, and how many are used."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set name or a `save_to_disk` folder."})
+    dataset_name: str | None = field(default=None, metadata={"help": f"Hub data set, `save_to_disk` folder or image-folder root. {DATA_LAYOUT}"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
     train_dir: str | None = field(default=None, metadata={
         "help": "Image folder (imagefolder: class = sub-folder name)."})
@@ -244,29 +252,9 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None) -> Split
     split, else `--validation_split_percentage` % of train held out (never the test split unless asked for)."""
     import datasets
 
-    if args.dataset_name is None and args.train_dir is None:
-        parser.error("give --dataset_name (Hub name or save_to_disk folder) or --train_dir (image folder)")
-    try:
-        if args.train_dir is not None:
-            for folder in (args.train_dir, args.validation_dir):
-                if folder is not None and not os.path.isdir(folder):
-                    parser.error(f"{folder!r} is not an existing folder")
-            files = {"train": os.path.join(args.train_dir, "**")}
-            if args.validation_dir:
-                files["validation"] = os.path.join(args.validation_dir, "**")
-            data = datasets.load_dataset("imagefolder", data_files=files, cache_dir=cache_dir)
-        elif os.path.isdir(args.dataset_name):
-            data = datasets.load_from_disk(args.dataset_name)
-        elif args.dataset_name.startswith((".", "/", "~")):
-            parser.error(f"--dataset_name {args.dataset_name!r}: no such folder")
-        else:
-            data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=cache_dir)
-    except SystemExit:
-        raise
-    except Exception as error:  # noqa: BLE001
-        parser.error(f"cannot load the data set ({args.dataset_name or args.train_dir}): {one_line(error)}")
-    if isinstance(data, datasets.Dataset):
-        data = datasets.DatasetDict({"train": data})
+    data = load_image_dataset(parser, args.dataset_name, args.train_dir, eval_dir=args.validation_dir,
+                              train_split="train", eval_split="validation",
+                              dataset_config_name=args.dataset_config_name, cache_dir=cache_dir)
     if args.train_split not in data:
         parser.error(f"--train_split {args.train_split!r} not in the data set's splits {list(data)}")
     train = data[args.train_split]

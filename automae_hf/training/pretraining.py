@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mixed precision (default: whatever `accelerate launch` / its config says).")
     t.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="Keep only the newest N checkpoints under output_dir/checkpoints (as the HF examples).")
-    t.add_argument("--gradient_checkpointing", action="store_true",
+    t.add_argument("--activation_checkpointing", "--gradient_checkpointing", dest="gradient_checkpointing",
+                   action="store_true",
                    help="Recompute the encoder and decoder blocks in the backward pass (less memory, more time).")
     t.add_argument("--torch_compile", action="store_true",
                    help="torch.compile the pretraining model (the student + score-head step compiles without a "
@@ -856,7 +857,7 @@ def main(argv=None):
     set_seed(args.seed)
     model, teacher_mode = build_model(args, parser)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = model.config
     processor, mean, std = image_processor_for(args, parser, config)
     # How pixel_values are normalised, saved with the model: the teacher re-normalises from it to its own statistics.
