@@ -49,12 +49,16 @@ def test_run_writes_loadable_model(full_run):
     model = AutoMAEForPreTraining.from_pretrained(str(out))
     assert model.config.hidden_size == 32 and model.config.norm_pix_loss
     assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    # How the pixels were normalised is saved with the model, so the teacher can re-normalise them as it expects.
+    assert (model.config.image_mean, model.config.image_std) == (processor["image_mean"], processor["image_std"])
     saved = load_weights(out)
     assert all(torch.isfinite(v).all() for v in saved.values())
     logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 7))
     for key in ("loss", "reconstruction_loss", "generator_loss", "d_loss", "d_real_accuracy", "d_fake_accuracy",
-                "d_real_score", "d_fake_score", "mask_entropy", "gumbel_sample_entropy", "topk_in_teacher_topk", "lr", "images_per_second", "skipped_images",
+                "d_real_score", "d_fake_score", "mask_entropy", "gumbel_sample_entropy", "topk_in_teacher_topk", "lr",
+                "images_per_second", "skipped_images",
                 "data_wait_ms", "train_step_ms", "loop_other_ms"):
         assert all(key in row for row in logs), key
     assert all(row["train_step_ms"] > 0 and row["data_wait_ms"] >= 0 for row in logs)
@@ -285,6 +289,12 @@ def test_fused_optimizers_by_default_and_per_tensor_adamw_on_request(data_dir, t
     fused, per_tensor = weights.values()
     worst = max((fused[k] - per_tensor[k]).abs().max().item() for k in fused)
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # transformers 5.24+ deprecate gradient_checkpointing_enable
+def test_activation_checkpointing_uses_the_current_api(data_dir, tmp_path, capsys):
+    printed = pretrain_in_process(common(data_dir / "clean", tmp_path, 1, "--activation_checkpointing"), capsys)
+    assert "Done: 1 steps" in printed
 
 
 @pytest.mark.slow  # a torch.compile: run with --runslow
