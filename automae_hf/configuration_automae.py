@@ -40,6 +40,10 @@ ENCODER_ARCHITECTURE_FIELDS = (
 NORMALIZATION_FIELDS = ("image_mean", "image_std", "teacher_image_mean", "teacher_image_std")
 
 
+# What the discriminator reads: "none", the probabilities as the reference (entries ~1/L); "num_patches", L times them.
+DISCRIMINATOR_INPUT_SCALES = ("none", "num_patches")
+
+
 # Every Auto class one folder loads with, written into the config so that `trust_remote_code` works through each
 # of them (save_pretrained alone records only the saving class; docs/pitfalls.md §7).
 AUTOMAE_AUTO_MAP = {
@@ -198,6 +202,11 @@ class AutoMAEConfig(PreTrainedConfig):
             the learned scores decide more of the mask; 0 takes the scores' top-K deterministically.
         box_prior_alpha (`float`, defaults to 0.5):
             Value inside the random rectangle of the pseudo-real masks that the discriminator learns from.
+        discriminator_input_scale (`str`, defaults to `"none"`):
+            What the discriminator reads. `"none"` (the reference): the mask distributions themselves, whose entries
+            are about 1/L; its spectrally normalised, bias-free convs then score every map near 0 and barely learn.
+            `"num_patches"`: the distributions times L (a uniform map is all ones), so that its scores can reach the
+            least-squares targets 1 and 0 (docs/method.md §8).
         score_hidden_channels (`int`, defaults to 6):
             Channels of the score head's hidden convolution (6 in the reference).
         teacher_config (`dict`, *optional*):
@@ -271,6 +280,7 @@ class AutoMAEConfig(PreTrainedConfig):
     gumbel_tau: float = 1.0
     gumbel_noise_scale: float = 1.0
     box_prior_alpha: float = 0.5
+    discriminator_input_scale: str = "none"
     score_hidden_channels: int = 6
     teacher_config: dict | None = None
     teacher_name_or_path: str | None = None
@@ -330,6 +340,8 @@ class AutoMAEConfig(PreTrainedConfig):
                    "at least 4x4")
         _check(self.adversarial_weight >= 0, "adversarial_weight", f"must be >= 0, got {self.adversarial_weight}")
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
+        _check(self.discriminator_input_scale in DISCRIMINATOR_INPUT_SCALES, "discriminator_input_scale",
+               f"must be one of {DISCRIMINATOR_INPUT_SCALES}, got {self.discriminator_input_scale!r}")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
         strategies = tuple(MASKING_STRATEGY_REGISTRY)  # read at call time: strategies registered later count too

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_automae import (
+    DISCRIMINATOR_INPUT_SCALES,
     TEACHER_SELF,
     AutoMAEConfig,
     AutoMAEMaskGeneratorConfig,
@@ -353,13 +354,21 @@ class AutoMAEDiscriminator(nn.Module):
 
     The reference's stack (k4 s2 p1, k4 s2 p1, k3 p0) only fits 14x14; an adaptive average pool to 3x3 before the
     last conv keeps it for any grid from 4x4 up and is the identity at 14x14.
+
+    `input_scale` (`config.discriminator_input_scale`): `"none"` reads the probabilities as the reference does;
+    `"num_patches"` multiplies them by L first (a uniform map becomes all ones), so that D can reach its targets
+    (docs/method.md §8).
     """
 
-    def __init__(self, grid_size: tuple[int, int]):
+    def __init__(self, grid_size: tuple[int, int], input_scale: str = "none"):
         super().__init__()
         if min(grid_size) < 4:
             raise ValueError(f"The discriminator needs a patch grid of at least 4x4, got {grid_size}")
+        if input_scale not in DISCRIMINATOR_INPUT_SCALES:
+            raise ValueError(f"The discriminator's input_scale must be one of {DISCRIMINATOR_INPUT_SCALES}, "
+                             f"got {input_scale!r}")
         self.grid_size = tuple(grid_size)
+        self.input_scale = input_scale
         spectral_norm = nn.utils.parametrizations.spectral_norm
         self.conv1 = spectral_norm(nn.Conv2d(1, 16, 4, stride=2, padding=1, bias=False))
         self.conv2 = spectral_norm(nn.Conv2d(16, 32, 4, stride=2, padding=1, bias=False))
@@ -384,6 +393,8 @@ class AutoMAEDiscriminator(nn.Module):
             else:
                 weights = [as_float32(conv.weight) for conv in convs]
             hidden = as_float32(mask_probs).reshape(-1, 1, *grid_size)
+            if self.input_scale == "num_patches":  # D is positively homogeneous: this is a gain of L on its output
+                hidden = hidden * (grid_size[0] * grid_size[1])
             hidden = F.leaky_relu(F.conv2d(hidden, weights[0], stride=2, padding=1), 0.2)
             hidden = F.leaky_relu(F.conv2d(hidden, weights[1], stride=2, padding=1), 0.2)
             if hidden.shape[-2:] != (3, 3):  # 14x14 grids already arrive at 3x3
@@ -903,7 +914,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         strategy = MASKING_STRATEGIES[config.masking]
         # The generator reads this very config object: editing `model.config` is what it uses and what is saved.
         self.mask_generator = AutoMAEMaskGenerator(config) if strategy.uses_teacher else None
-        self.discriminator = AutoMAEDiscriminator(config.grid_size) if strategy.learns_mask else None
+        self.discriminator = (AutoMAEDiscriminator(config.grid_size, config.discriminator_input_scale)
+                              if strategy.learns_mask else None)
         self.post_init()
         self.refreeze()
         # Constructors read no files (as in transformers): `from_pretrained` or `load_teacher` loads a named teacher.

@@ -67,7 +67,7 @@ def test_a_finished_arm_is_reused_only_for_its_own_arguments(job, monkeypatch):
     with pytest.raises(SystemExit, match=r"max_train_steps 2 there, 3 now.*--overwrite_output_dir"):
         pretrain(3)  # before: resumed the 2-step run, trained nothing and reported it as 3 steps
     assert pretrain(3, overwrite=True) is not None and commands[-1] == ["--overwrite_output_dir"]
-    assert default_job.last_mask_statistics(run_dir) is None and (run_dir / "images" / "step_0000003.png").is_file()
+    assert default_job.mask_learning_statistics(run_dir) is None and (run_dir / "images" / "step_0000003.png").is_file()
     assert pretrain(3) is None
     monkeypatch.setattr(default_job.subprocess, "run", lambda command, check, env: commands.append(command))
     pretrain(3, teacher_retrained=True)  # its teacher is new: trained again, not reused

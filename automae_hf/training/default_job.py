@@ -128,19 +128,22 @@ def pretrain(data: Path, output_dir: Path, teacher: str, steps: int, batch_size:
     return time.perf_counter() - start
 
 
-def last_mask_statistics(run_dir: Path) -> dict | None:
-    """The discriminator's accuracies and the mask distribution's entropy at the run's last logged step."""
+def mask_learning_statistics(run_dir: Path) -> dict | None:
+    """D's accuracies and mean raw scores, and the entropy of the score head's distribution p, averaged over the
+    second half of the run's logged steps (one step's values jump with its batch)."""
     log = run_dir / "train_log.jsonl"
     if not log.is_file():
         return None
-    last = json.loads(log.read_text().splitlines()[-1])
-    if "mask_entropy" not in last:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = [row for row in rows[len(rows) // 2 :] if "mask_entropy" in row and "d_real_score" in row]
+    if not rows:
         return None
     from automae_hf import AutoMAEConfig
     from automae_hf.masking import max_entropy
 
-    keys = ("d_real_accuracy", "d_fake_accuracy", "mask_entropy")
-    return {**{k: last[k] for k in keys}, "uniform_entropy": max_entropy(AutoMAEConfig.from_pretrained(run_dir).num_patches)}
+    keys = ("d_real_accuracy", "d_fake_accuracy", "d_real_score", "d_fake_score", "mask_entropy")
+    means = {key: float(np.mean([row[key] for row in rows])) for key in keys}
+    return {**means, "uniform_entropy": max_entropy(AutoMAEConfig.from_pretrained(run_dir).num_patches)}
 
 
 def load_split(split: str):
@@ -221,7 +224,7 @@ def main(argv=None) -> None:
         )
     table = "\n".join(lines)
     picture = automae_dir / "images" / f"step_{args.steps:07d}.png"  # the grid of the run's last step
-    mask_learning = last_mask_statistics(automae_dir)
+    mask_learning = mask_learning_statistics(automae_dir)
     summary = {
         "steps_per_arm": args.steps,
         "batch_size": args.batch_size,
@@ -240,10 +243,11 @@ def main(argv=None) -> None:
     print(table)
     print()
     if mask_learning:
-        print(f"AutoMAE's last logged step: discriminator accuracy {100 * mask_learning['d_real_accuracy']:.0f}% on "
-              f"box-prior maps and {100 * mask_learning['d_fake_accuracy']:.0f}% on generated ones; mask "
-              f"distribution entropy {mask_learning['mask_entropy']:.2f} nats (uniform: "
-              f"{mask_learning['uniform_entropy']:.2f})")
+        print(f"AutoMAE over the second half of its run: the discriminator's mean raw score is "
+              f"{mask_learning['d_real_score']:.2f} on box-prior maps and {mask_learning['d_fake_score']:.2f} on "
+              f"generated ones (targets 1 and 0; above / below 0.5: {100 * mask_learning['d_real_accuracy']:.0f}% / "
+              f"{100 * mask_learning['d_fake_accuracy']:.0f}%); the entropy of the learned p is "
+              f"{mask_learning['mask_entropy']:.2f} nats (uniform: {mask_learning['uniform_entropy']:.2f})")
         print()
     print(f"AutoMAE checkpoint:   {automae_dir}  (AutoMAEForPreTraining.from_pretrained / AutoModel.from_pretrained)")
     print(f"MAE baseline:         {mae_dir}")
