@@ -314,3 +314,9 @@ def test_visualize_draws_from_a_saved_data_set(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualization.main([*common, "--dataset_split", "val", "--output_dir", str(tmp_path / "c")])
     assert "--dataset_split 'val' not in the data set's splits ['train', 'test']" in capsys.readouterr().err
+    image_file = tmp_path / "one.png"
+    images[0].save(image_file)
+    with pytest.raises(SystemExit):  # data-set flags beside image files would be ignored: refused instead
+        visualization.main(["--model_name_or_path", str(checkpoint), "--images", str(image_file), "--num_images", "2",
+                            "--output_dir", str(tmp_path / "d")])
+    assert "--num_images only apply with --dataset_name" in capsys.readouterr().err

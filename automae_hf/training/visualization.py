@@ -158,12 +158,18 @@ def main(argv=None):
                         help=f"Split to draw from; default the first of {'/'.join(DATASET_SPLIT_ORDER)} present.")
     parser.add_argument("--image_column_name", default=None,
                         help=f"Image column of the data set; detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
-    parser.add_argument("--num_images", type=int, default=8, help="With --dataset_name: the split's first N images.")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="With --dataset_name: the split's first N images (default 8).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--teacher", choices=("auto", "checkpoint", "self"), default="auto",
                         help="Whose attention drives the mask generator; auto: what pretraining used.")
     parser.add_argument("--seed", type=int, default=0, help="Mask sampling seed.")
     args = parser.parse_args(argv)
+    dataset_flags = ("dataset_config_name", "dataset_split", "image_column_name", "num_images")
+    if args.images and any(getattr(args, flag) is not None for flag in dataset_flags):
+        given = [f"--{flag}" for flag in dataset_flags if getattr(args, flag) is not None]
+        parser.error(f"{', '.join(given)} only apply with --dataset_name, not with --images")
+    args.num_images = 8 if args.num_images is None else args.num_images
     if args.num_images < 1:
         parser.error(f"--num_images must be >= 1, got {args.num_images}")
     names = None
