@@ -64,7 +64,7 @@ AUTOMAE_PRESETS = {
     # The released code's settings, which are also the config's defaults.
     "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
                       box_prior_alpha=0.5, attention_normalization="none", score_scale=1.0, score_head_init="default",
-                      score_head_lr_scale=1.0),
+                      score_head_lr_scale=1.0, discriminator_input_scale="none"),
     # The scores drive the mask from the first step: standardised teacher maps, a head that starts as their mean, and
     # scores three times wider, against the reference's unchanged Gumbel noise; the chosen top-K's noise is raised by
     # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always (the masked set lies

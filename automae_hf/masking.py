@@ -302,6 +302,61 @@ def mask_signal_statistics(
     }
 
 
+@torch.no_grad()
+def masked_region_size(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Mean size, in patches, of the 4-connected regions of masked patches, per image.
+
+    Args:
+        mask: `[B, L]`, 1 (or True) = masked, in patch order on a `grid_size` (rows, columns) grid.
+    Returns:
+        `[B]` float: masked count / number of regions (0 for an image with nothing masked). A single block gives its
+        area, a checkerboard 1.
+    """
+    rows, columns = grid_size
+    masked = mask.reshape(-1, rows, columns) > 0.5
+    num_patches = rows * columns
+    index = torch.arange(num_patches, device=mask.device).view(1, rows, columns).expand_as(masked)
+    outside = torch.full_like(index, num_patches)
+    labels = torch.where(masked, index, outside)
+    # Each masked patch takes the smallest label among itself and its 4 neighbours until nothing changes: then every
+    # region carries the index of its first patch (at most one sweep per patch along the region's longest path).
+    for _ in range(num_patches):
+        padded = torch.nn.functional.pad(labels, (1, 1, 1, 1), value=num_patches)
+        smallest = torch.stack([labels, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2],
+                                padded[:, 1:-1, 2:]]).amin(0)
+        updated = torch.where(masked, smallest, outside)
+        if torch.equal(updated, labels):
+            break
+        labels = updated
+    regions = (masked & (labels == index)).flatten(1).sum(1)
+    return masked.flatten(1).sum(1) / regions.clamp(min=1)
+
+
+def random_masks_like(mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`[B, L]` uniformly random masks with as many masked patches per image as `mask` (1 = masked)."""
+    counts = (mask > 0.5).sum(1, keepdim=True)
+    ranks = torch.rand(mask.shape, generator=generator, device=mask.device).argsort(1).argsort(1)
+    return (ranks < counts).float()
+
+
+@torch.no_grad()
+def mask_shape_statistics(mask: torch.Tensor, grid_size: tuple[int, int], generator: torch.Generator | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """How compact the masked set is (diagnostics for the log), against random masks of the same count.
+
+    Args:
+        mask: `[B, L]` sampled masks, 1 = masked.
+        generator: draws the random masks (keep it apart from the training noise, so logging changes no run).
+    Returns:
+        0-d tensors: `mask_region_size`, the mean over images of `masked_region_size`, and
+        `random_mask_region_size`, the same for uniformly random masks with each image's masked count.
+    """
+    return {
+        "mask_region_size": masked_region_size(mask, grid_size).mean(),
+        "random_mask_region_size": masked_region_size(random_masks_like(mask, generator), grid_size).mean(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Masking strategies: the one registry. A new strategy is one `register_masking_strategy` call (and its test);
 # the config validates against it, the model builds and calls what it declares, pretraining and pictures follow.

@@ -159,3 +159,14 @@ def test_logged_metrics_are_means_over_all_processes():
     means, diagnostics, counters = window_over_processes(
         TwoProcesses(), {"loss": torch.tensor(3.0)}, 3, {"mask_entropy": torch.tensor(1.0)}, [24, 0])
     assert means == {"loss": 2.0} and diagnostics == {"mask_entropy": 2.0} and counters == [48, 1]
+
+
+def test_the_log_carries_the_masked_region_size_and_its_random_reference(data, tmp_path, capsys):
+    """Every logged step has the mean size of the sampled masks' 4-connected masked regions and the same for random
+    masks of each image's count; `discriminator_input_scale` from --config_overrides is the one the model saves."""
+    pretrain_in_process(common(data, tmp_path, 2, "--config_overrides", TINY + ",discriminator_input_scale=num_patches"),
+                        capsys)
+    masked = 64 - int(64 * 0.25)
+    for row in log_rows(tmp_path):
+        assert 1 <= row["mask_region_size"] <= masked and 1 <= row["random_mask_region_size"] <= masked, row
+    assert json.loads((tmp_path / "config.json").read_text())["discriminator_input_scale"] == "num_patches"

@@ -844,7 +844,7 @@ def main(argv=None):
     from accelerate.utils import DistributedType, set_seed
 
     from automae_hf.configuration_automae import num_visible_patches
-    from automae_hf.masking import mask_entropy, mask_signal_statistics, sample_entropy
+    from automae_hf.masking import mask_entropy, mask_shape_statistics, mask_signal_statistics, sample_entropy
 
     # ---- set-up: accelerator, model and teacher, data, optimizers, schedules, resume ----------------------------
     output_dir = Path(args.output_dir)
@@ -897,6 +897,8 @@ def main(argv=None):
     # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
     # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
     noise_generator = torch.Generator(device=accelerator.device)
+    # The random masks the logged region size is compared with: drawn apart, so that logging changes no training draw.
+    diagnostics_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     pixel_mean, pixel_std = (torch.tensor(values, device=accelerator.device) for values in (mean, std))
     state = TrainState()
     accelerator.register_for_checkpointing(state, student_scheduler)
@@ -964,6 +966,9 @@ def main(argv=None):
         if output.generator_loss is not None:
             metrics["generator_loss"] = output.generator_loss.detach()
         diagnostics = {}  # dozens of small ops: only on the micro-batch that ends a logging window
+        if diagnose:  # how compact the masked set is, against random masks of the same count
+            grid = tuple(attention.shape[-2:]) if attention is not None else config.grid_size
+            diagnostics.update(mask_shape_statistics(output.mask.detach(), grid, diagnostics_generator))
         if diagnose and output.mask_logits is not None:  # p itself, and the Gumbel sample that picked the top-K
             diagnostics["mask_entropy"] = mask_entropy(output.mask_logits.detach())
             diagnostics["gumbel_sample_entropy"] = sample_entropy(output.mask_probs.detach())

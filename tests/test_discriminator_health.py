@@ -1,0 +1,117 @@
+"""The discriminator can learn, and the mask's shape is measured: `discriminator_input_scale` (D reads L * p, so its
+scores can reach the targets 1 and 0), D trained alone with benchmarks/discriminator_only.py, and the logged size of
+the masked regions (`masking.masked_region_size`) against random masks of the same count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from automae_hf import AutoMAEForPreTraining
+from automae_hf.masking import mask_shape_statistics, masked_region_size, random_masks_like, sample_box_prior
+from automae_hf.modeling_automae import AutoMAEDiscriminator
+from conftest import make_tiny_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "discriminator_only.py"
+
+
+def grid_mask(rows, columns, cells) -> torch.Tensor:
+    """`[1, rows * columns]` mask with 1 on the given (row, column) cells."""
+    mask = torch.zeros(rows, columns)
+    for row, column in cells:
+        mask[row, column] = 1
+    return mask.flatten().unsqueeze(0)
+
+
+# ---- the region size of hand-made masks ---------------------------------------------------------------------------
+def test_masked_region_size_of_hand_made_masks():
+    block = grid_mask(7, 7, [(r, c) for r in range(1, 4) for c in range(2, 6)])
+    checkerboard = grid_mask(7, 7, [(r, c) for r in range(7) for c in range(7) if (r + c) % 2])
+    # A U (19 patches, one region only a long sweep joins) and a separate bar of 3: 22 patches in 2 regions.
+    u_and_bar = grid_mask(7, 7, [(r, 0) for r in range(6)] + [(6, c) for c in range(7)] + [(r, 6) for r in range(6)]
+                          + [(0, c) for c in range(2, 5)])
+    nothing, everything = torch.zeros(1, 49), torch.ones(1, 49)
+    sizes = masked_region_size(torch.cat([block, checkerboard, u_and_bar, nothing, everything]), (7, 7))
+    assert sizes.tolist() == [12.0, 1.0, 11.0, 0.0, 49.0]
+
+
+def test_masked_region_size_follows_rows_and_columns_without_wrapping():
+    """On a 4x6 grid, the last patch of a row and the first of the next are neighbours in patch order, not on the
+    grid; a column is one region."""
+    row_end_and_next_start = grid_mask(4, 6, [(0, 5), (1, 0)])
+    column = grid_mask(4, 6, [(r, 1) for r in range(4)])
+    assert masked_region_size(torch.cat([row_end_and_next_start, column]), (4, 6)).tolist() == [1.0, 4.0]
+
+
+def test_random_masks_keep_each_images_count_and_are_less_compact_than_a_block():
+    counts = torch.tensor([[5], [24], [40], [63]])
+    various = (torch.arange(64).expand(4, -1) < counts).float()
+    assert torch.equal(random_masks_like(various, torch.Generator().manual_seed(0)).sum(1), counts.flatten().float())
+    block = grid_mask(8, 8, [(r, c) for r in range(2, 6) for c in range(1, 7)]).repeat(16, 1)  # 24 patches, one region
+    statistics = mask_shape_statistics(block, (8, 8), torch.Generator().manual_seed(0))
+    assert statistics["mask_region_size"].item() == 24.0
+    assert 1.0 <= statistics["random_mask_region_size"].item() < 12.0
+
+
+# ---- the config field -------------------------------------------------------------------------------------------
+def test_discriminator_input_scale_is_validated_and_defaults_to_the_reference():
+    assert make_tiny_config().discriminator_input_scale == "none"
+    with pytest.raises(ValueError, match="discriminator_input_scale"):
+        make_tiny_config(discriminator_input_scale="L")
+    with pytest.raises(ValueError, match="input_scale"):
+        AutoMAEDiscriminator((7, 7), input_scale="sqrt")
+
+
+def test_num_patches_scales_only_ds_input_and_survives_save_and_reload(tmp_path):
+    torch.manual_seed(0)
+    reference = AutoMAEForPreTraining(make_tiny_config()).eval()
+    scaled = AutoMAEForPreTraining(make_tiny_config(discriminator_input_scale="num_patches")).eval()
+    scaled.load_state_dict(reference.state_dict())
+    probs = sample_box_prior(4, (8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # D is positively homogeneous, so reading 64 * p multiplies its scores by 64; everything else is shared.
+        torch.testing.assert_close(scaled.discriminator(probs), 64 * reference.discriminator(probs))
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        noise = dict(noise=torch.rand(2, 64, generator=torch.Generator().manual_seed(2)),
+                     gumbel_noise=torch.rand(2, 64, generator=torch.Generator().manual_seed(3)))
+        ours, theirs = scaled(x, **noise), reference(x, **noise)
+    assert torch.equal(ours.mask, theirs.mask) and torch.equal(ours.reconstruction_loss, theirs.reconstruction_loss)
+    assert not torch.isclose(ours.generator_loss, theirs.generator_loss)
+    scaled.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["discriminator_input_scale"] == "num_patches"
+    reloaded = AutoMAEForPreTraining.from_pretrained(tmp_path).eval()
+    assert reloaded.discriminator.input_scale == "num_patches"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.discriminator(probs), scaled.discriminator(probs))
+
+
+# ---- D trained alone ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def discriminator_only():
+    spec = importlib.util.spec_from_file_location("discriminator_only", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fake_kind", ["uniform", "peaky"])
+def test_a_scaled_discriminator_separates_box_priors_from_gumbel_samples_where_the_reference_cannot(
+        discriminator_only, fake_kind):
+    """60 Adam steps on 7x7 maps: reading L * p, D scores box priors near 1 and generated maps near 0; reading p (the
+    reference) its scores stay small and it calls no box prior real."""
+    def train(input_scale):
+        return discriminator_only.train_discriminator((7, 7), input_scale, 7.5e-4, fake_kind, 1, steps=60,
+                                                      batch_size=32)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: a second thread only waits on a busy machine (20 s instead of 1 s)
+    try:
+        scaled, reference = train("num_patches"), train("none")
+    finally:
+        torch.set_num_threads(threads)
+    assert scaled["last_loss"] < 0.15 and scaled["real_accuracy"] > 0.95 and scaled["fake_accuracy"] > 0.9, scaled
+    assert reference["last_loss"] > 0.3 and reference["real_accuracy"] < 0.5, reference
