@@ -204,7 +204,7 @@ class AutoMAEConfig(PreTrainedConfig):
             Value inside the random rectangle of the pseudo-real masks that the discriminator learns from.
         discriminator_input_scale (`str`, defaults to `"none"`):
             What the discriminator reads. `"none"` (the reference): the mask distributions themselves, whose entries
-            are about 1/L; its spectrally normalised, bias-free convs then score every map near 0 and barely learn.
+            are about 1/L; its spectrally normalised, bias-free convs then keep every score well below the target 1.
             `"num_patches"`: the distributions times L (a uniform map is all ones), so that its scores can reach the
             least-squares targets 1 and 0 (docs/method.md §8).
         score_hidden_channels (`int`, defaults to 6):

@@ -82,8 +82,8 @@ def train_discriminator(grid, input_scale, lr, fake_kind, power_iterations, step
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(torch.stack([loss.detach(), (real_scores > 0.5).float().mean(), (fake_scores < 0.5).float().mean(),
-                                    real_scores.mean().detach(), fake_scores.mean().detach()]))
+        history.append(torch.stack([loss, (real_scores > 0.5).float().mean(), (fake_scores < 0.5).float().mean(),
+                                    real_scores.mean(), fake_scores.mean()]).detach())
     history = torch.stack(history)
     last = history[-max(1, steps // 5):].mean(0).tolist()
     return {"first_loss": history[0, 0].item(), "last_loss": last[0], "real_accuracy": last[1],
