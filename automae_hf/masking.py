@@ -318,13 +318,19 @@ def masked_region_size(mask: torch.Tensor, grid_size: tuple[int, int]) -> torch.
     index = torch.arange(num_patches, device=mask.device).view(1, rows, columns).expand_as(masked)
     outside = torch.full_like(index, num_patches)
     labels = torch.where(masked, index, outside)
-    # Each masked patch takes the smallest label among itself and its 4 neighbours until nothing changes: then every
-    # region carries the index of its first patch (at most one sweep per patch along the region's longest path).
+    # Each masked patch takes the smallest label among itself and its 4 neighbours, then the label of that label
+    # (twice: labels only ever point to a patch of the same region), until nothing changes; every region then
+    # carries the index of its first patch. About 20 rounds on 14x14 at mask ratio 0.75.
     for _ in range(num_patches):
-        padded = torch.nn.functional.pad(labels, (1, 1, 1, 1), value=num_patches)
-        smallest = torch.stack([labels, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2],
-                                padded[:, 1:-1, 2:]]).amin(0)
-        updated = torch.where(masked, smallest, outside)
+        smallest = labels.clone()
+        smallest[:, 1:] = torch.minimum(smallest[:, 1:], labels[:, :-1])
+        smallest[:, :-1] = torch.minimum(smallest[:, :-1], labels[:, 1:])
+        smallest[:, :, 1:] = torch.minimum(smallest[:, :, 1:], labels[:, :, :-1])
+        smallest[:, :, :-1] = torch.minimum(smallest[:, :, :-1], labels[:, :, 1:])
+        pointers = torch.cat([smallest.flatten(1), outside[:, 0, :1]], dim=1)  # index num_patches: outside
+        for _ in range(2):
+            pointers = pointers.gather(1, pointers)
+        updated = torch.where(masked, pointers[:, :num_patches].view_as(labels), outside)
         if torch.equal(updated, labels):
             break
         labels = updated

@@ -47,6 +47,32 @@ def test_masked_region_size_follows_rows_and_columns_without_wrapping():
     assert masked_region_size(torch.cat([row_end_and_next_start, column]), (4, 6)).tolist() == [1.0, 4.0]
 
 
+def flood_fill_region_size(mask: torch.Tensor, rows: int, columns: int) -> float:
+    """One image's mean masked-region size, region by region in plain Python."""
+    cells = {(i // columns, i % columns) for i in torch.nonzero(mask).flatten().tolist()}
+    sizes = []
+    while cells:
+        stack, size = [cells.pop()], 0
+        while stack:
+            row, column = stack.pop()
+            size += 1
+            for neighbour in ((row - 1, column), (row + 1, column), (row, column - 1), (row, column + 1)):
+                if neighbour in cells:
+                    cells.remove(neighbour)
+                    stack.append(neighbour)
+        sizes.append(size)
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (5, 9), (14, 14)])
+def test_masked_region_size_matches_a_flood_fill_on_random_masks(grid):
+    generator = torch.Generator().manual_seed(sum(grid))
+    ratios = torch.linspace(0.1, 0.9, 24).unsqueeze(1)
+    masks = (torch.rand(24, grid[0] * grid[1], generator=generator) < ratios).float()
+    expected = [flood_fill_region_size(mask, *grid) for mask in masks]
+    torch.testing.assert_close(masked_region_size(masks, grid), torch.tensor(expected))
+
+
 def test_random_masks_keep_each_images_count_and_are_less_compact_than_a_block():
     counts = torch.tensor([[5], [24], [40], [63]])
     various = (torch.arange(64).expand(4, -1) < counts).float()
