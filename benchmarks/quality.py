@@ -11,10 +11,20 @@ and two references every learned arm must be read against: raw pixels and a rand
 
 Scores: frozen-feature kNN (k=20) and linear probe on the held-out test images, with all training labels and with
 10 per class (3 draws), and whole-encoder finetuning on 10 labels per class (`training/finetune.py`, HF Trainer,
-40 epochs, fixed schedule, no model selection on the test split); mean +- std over seeds, and each arm's difference
-to MAE N, starred where it exceeds both arms' seed std. Foreground focus: the share of masked patches on the
+40 epochs, fixed schedule, no model selection; its test-split accuracy); mean +- std over seeds, and each arm's
+difference to MAE N, starred where it exceeds both arms' seed std. Foreground focus: the share of masked patches on the
 garment (a patch is garment when at least half its pixels are non-zero) against the garment's share of the grid
 (what random masking gives); for learned masks also the learned top-K and the teacher's attention top-K.
+
+`--data cluttered` asks where the mask falls: on plain Fashion-MNIST the garment covers half the grid and no probe
+tells a good mask from a random one. Each garment sits at a random place on a 64-px canvas among fragments of other
+garments (`automae_hf/training/cluttered.py`; `--canvas`, `--object_scale`, `--fragments`, `--noise`), its box
+recorded (the box prior's oracle); the same tiny ViT at 64 px, patch 8 (8x8 grid). A validation split (1,000 images
+held out of train, never pretrained on) carries every choice: the box prior runs at each of `--box_mask_factors`
+(default 0.05, 0.1, 0.25, 0.5), the one best on validation `--select_metric` is marked, and every score is reported
+on test beside a validation table. Foreground focus there counts a patch as the object's when its centre lies in the
+box (the box prior's own rule), against `box_patch_share`, the box's share of the grid. `--pooling mean` probes the
+mean of the patch tokens instead of the CLS token.
 
 `--ablation` runs the knobs one at a time away from the reference AutoMAE instead: gumbel_tau
 (0.5, 0.3), box_prior_alpha (2, 3), adversarial_weight (0, 0.05, 1), mask_factor (0.25, 1), the teacher (MAE 2N
@@ -32,6 +42,8 @@ two modes share MAE N / AutoMAE.
                                                     # finetuning, 5 min of probes; --no_finetune skips finetuning)
     python benchmarks/quality.py --ablation         # the knob ablation on the same data, seeds and budget
     python benchmarks/quality.py --data debian      # the full 60k/10k from Debian's dataset-fashion-mnist
+    python benchmarks/quality.py --data cluttered --quick   # smoke test: MAE N, box prior 0.1 / 0.5, AutoMAE
+    python benchmarks/quality.py --data cluttered --arms "MAE N,box prior" --box_mask_factors 0.1,0.5 --no_finetune
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from automae_hf.training.cluttered import ClutterSettings, box_patch_share, make_cluttered_splits
 from automae_hf.training.default_job import MODEL, plan_pretraining_run  # the main job's tiny ViT
 from automae_hf.training.probes import evaluate_features, extract_features
 
@@ -80,14 +93,23 @@ ABLATION = {
     "noise 0": (",gumbel_noise_scale=0.0", "MAE_N"),
 }
 ABLATION_ARMS = ("MAE N", "AutoMAE", *ABLATION, "AutoMAE (self)")
+# Cluttered data: the box prior at each of `--box_mask_factors` ("box prior beta 0.1", ...), the one with the best
+# validation score (`--select_metric`) reported on test; plain data keeps the single "box prior" (mask_factor 0.5).
+BOX_PRIOR_SWEEP = "box prior beta "
+CLUTTERED_MASK_FACTORS = (0.05, 0.1, 0.25, 0.5)
+CLUTTERED_QUICK_ARMS, CLUTTERED_QUICK_MASK_FACTORS = ("MAE N", "box prior", "AutoMAE"), (0.1, 0.5)
+CLUTTERED_PATCH = 8  # 64-px canvas -> 8x8 grid: about the tiny ViT's 7x7 on 28 px
 TEACHER_OF = {"attention": "MAE N", "AutoMAE": "MAE N", "teacher MAE 2N": "MAE 2N",
               **{arm: "MAE N" for arm, (_, teacher) in ABLATION.items() if teacher == "MAE_N"}}
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
-def load_arrays(source: str) -> dict:
-    if source == "subset":
-        return dict(np.load(ROOT / "training" / "data" / "fashion_mnist_subset.npz"))
+def load_arrays(source: str, clutter: ClutterSettings | None = None) -> dict:
+    """`{split}_images` uint8 `[N, H, W]` and `{split}_labels` `[N]` for train and test; "cluttered" also has a
+    validation split and `{split}_boxes` `[N, 4]` (COCO xywh, pixels)."""
+    if source in ("subset", "cluttered"):
+        arrays = dict(np.load(ROOT / "training" / "data" / "fashion_mnist_subset.npz"))
+        return make_cluttered_splits(arrays, clutter or ClutterSettings()) if source == "cluttered" else arrays
     if not DEBIAN.is_dir():
         raise SystemExit("error: --data debian needs Debian's package: apt-get install dataset-fashion-mnist")
 
@@ -113,7 +135,8 @@ def garment_box(image: np.ndarray) -> list[float]:
 
 
 def build_dataset(arrays: dict, target: Path) -> Path:
-    """A `save_to_disk` folder: `image`, `label`, and `objects` = {"bbox": [[x, y, w, h]]} (the oracle box)."""
+    """A `save_to_disk` folder of the training split only: `image`, `label`, and `objects` = {"bbox": [[x, y, w, h]]}
+    (the oracle box: `train_boxes` where the arrays record it, else the garment's non-zero pixels)."""
     from datasets import Dataset, Features, Image, Sequence, Value
     from PIL import Image as PILImage
 
@@ -122,10 +145,11 @@ def build_dataset(arrays: dict, target: Path) -> Path:
     images = arrays["train_images"]
     features = Features({"image": Image(), "label": Value("int64"),
                          "objects": {"bbox": Sequence(Sequence(Value("float32"), length=4))}})
+    boxes = arrays["train_boxes"].tolist() if "train_boxes" in arrays else [garment_box(image) for image in images]
     data = {
         "image": [PILImage.fromarray(image, mode="L") for image in images],
         "label": arrays["train_labels"].astype(int).tolist(),
-        "objects": [{"bbox": [garment_box(image)]} for image in images],
+        "objects": [{"bbox": [box]} for box in boxes],
     }
     Dataset.from_dict(data, features).save_to_disk(str(target))
     return target
@@ -146,10 +170,11 @@ def threads_per_worker(workers: int) -> int | None:
 
 
 def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[str], overrides: str = "",
-             threads: int | None = None, overwrite: bool = False, teacher_retrained: bool = False) -> float | None:
-    """One arm through `training/pretrain.py` -> its wall seconds, or None where a finished run with these arguments
-    was reused."""
-    arguments = ["--dataset_name", str(data), "--output_dir", str(output_dir), "--config_overrides", MODEL + overrides,
+             threads: int | None = None, overwrite: bool = False, teacher_retrained: bool = False,
+             model: str = MODEL) -> float | None:
+    """One arm through `training/pretrain.py` (`model`: its config overrides) -> its wall seconds, or None where a
+    finished run with these arguments was reused."""
+    arguments = ["--dataset_name", str(data), "--output_dir", str(output_dir), "--config_overrides", model + overrides,
                  "--norm_pix_loss", "--per_device_train_batch_size", "128", "--max_train_steps", str(steps),
                  "--base_learning_rate", "1.5e-3", "--warmup_steps", str(max(1, steps // 10)),
                  "--dataloader_num_workers", "1", "--seed", str(seed), "--image_log_steps", str(steps)] + extra
@@ -167,13 +192,16 @@ def pretrain(data: Path, output_dir: Path, steps: int, seed: int, extra: list[st
 def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
     """pretrain.py arguments, config overrides (",key=value...") and the step multiplier of an arm."""
     mae_n, mae_2n = str(seed_dir / "MAE_N"), str(seed_dir / "MAE_2N")
+    box_prior = ["--masking", "box_prior", "--box_column_name", "objects", "--box_format", "xywh"]
     if arm in ABLATION:
         overrides, teacher = ABLATION[arm]
         return ["--teacher_name_or_path", teacher.replace("MAE_N", mae_n).replace("MAE_2N", mae_2n)], overrides, 1
+    if arm.startswith(BOX_PRIOR_SWEEP):
+        return box_prior, f",mask_factor={float(arm[len(BOX_PRIOR_SWEEP):])}", 1
     return {
         "MAE N": (["--teacher_name_or_path", "none"], "", 1),
         "MAE 2N": (["--teacher_name_or_path", "none"], "", 2),
-        "box prior": (["--masking", "box_prior", "--box_column_name", "objects", "--box_format", "xywh"], "", 1),
+        "box prior": (box_prior, "", 1),
         "attention": (["--masking", "attention", "--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE": (["--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE (self)": (["--teacher_name_or_path", "self"], "", 1),
@@ -194,7 +222,7 @@ def arm_folder(arm: str) -> str:
 
 
 def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, seeds: int, workers: int,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, model: str = MODEL) -> dict:
     """Trains every (seed, arm), teachers (MAE N, MAE 2N) first, an arm again where its teacher was; `workers` runs
     side by side, 1 thread each when > 1.
 
@@ -212,7 +240,8 @@ def pretrain_arms(arms: list[str], data: Path, output_dir: Path, steps: int, see
         print(f"seed {seed}: {arm} ({multiplier * steps} steps)", flush=True)
         run_dir = output_dir / f"seed{seed}" / arm_folder(arm)
         teacher_retrained = (seed, TEACHER_OF.get(arm)) in trained
-        spent = pretrain(data, run_dir, multiplier * steps, seed, extra, overrides, threads, overwrite, teacher_retrained)
+        spent = pretrain(data, run_dir, multiplier * steps, seed, extra, overrides, threads, overwrite,
+                         teacher_retrained, model)
         if spent is None:
             spent = float(json.loads((run_dir / "seconds.json").read_text())["seconds"])
         else:
@@ -233,26 +262,46 @@ def garment_patches(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(nonzero, patch).flatten(1) >= 0.5
 
 
+def object_patches(images: torch.Tensor, boxes: np.ndarray | None, patch: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The object of each image `[N, 1, H, W]` (0-1): -> its xywh box `[N, 4]` and its patches `[N, L]` bool.
+
+    With recorded `boxes` (cluttered data; the pixels there include clutter) a patch is the object's when its centre
+    lies in the box, the box prior's own rule (`masking.boxes_to_patch_mask`); without, the garment is the non-zero
+    pixels (`garment_box`, `garment_patches`)."""
+    from automae_hf.masking import boxes_to_patch_mask
+
+    if boxes is None:
+        return np.array([garment_box(image[0].numpy()) for image in images]), garment_patches(images, patch)
+    height, width = images.shape[-2:]
+    inside = boxes_to_patch_mask(torch.as_tensor(boxes).unsqueeze(1), (height // patch, width // patch),
+                                 (height, width), "xywh")
+    return boxes, inside.bool()
+
+
 @torch.no_grad()
-def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int) -> dict:
-    """Share of masked patches on the garment; for learned masks also the learned top-K and the teacher's top-K, and
-    how much the scores alone decide the mask: "score top-K", the garment share of the scores' noise-free top-K, and
-    "top-K agreement", the share of the sampled (Gumbel-noised) top-K that is also in it (chance: K / L)."""
+def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: float, seed: int,
+                     boxes: np.ndarray | None = None) -> dict:
+    """Share of masked patches on the object (`object_patches`; `boxes` `[N, 4]` xywh where recorded) and the object's
+    share of the grid ("grid": what random masking gives); for learned masks also the learned top-K and the teacher's
+    top-K, and how much the scores alone decide the mask: "score top-K", the object share of the scores' noise-free
+    top-K, and "top-K agreement", the share of the sampled (Gumbel-noised) top-K that is also in it (chance: K / L)."""
     from automae_hf import AutoMAEForPreTraining
 
     model = AutoMAEForPreTraining.from_pretrained(model_dir).eval()
-    on_garment = garment_patches(images)
+    boxes, on_garment = object_patches(images, boxes, model.config.patch_size)
     pixel_values = (images - mean) / std
     generator = torch.Generator().manual_seed(seed)
     kwargs = {}
     if model.config.masking == "box_prior":
-        kwargs = dict(boxes=[torch.tensor([garment_box(image[0].numpy())]) for image in images], box_format="xywh")
+        kwargs = dict(boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32)).unsqueeze(1), box_format="xywh")
     if model.mask_generator is not None:  # the teacher the run trained with (the student itself for "self")
         kwargs["teacher_attention"] = model.teacher_attention(pixel_values)
     output = model(pixel_values, generator=generator, **kwargs)
     masked = output.mask.bool()
     result = {"masked": (masked & on_garment).sum().item() / masked.sum().item(),
-              "grid": on_garment.float().mean().item()}
+              "grid": on_garment.float().mean().item(),
+              # how much of the object the encoder loses (random masking: the mask ratio)
+              "object masked": (masked & on_garment).sum().item() / on_garment.sum().item()}
     if "teacher_attention" in kwargs:
         num_masked = int(masked[0].sum())
         teacher_top = kwargs["teacher_attention"].mean(1).flatten(1).topk(num_masked, dim=1).indices
@@ -270,11 +319,11 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
     return result
 
 
-def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float):
+def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float, pooling: str = "cls"):
     from automae_hf import AutoMAEModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return extract_features(AutoMAEModel.from_pretrained(model_dir).to(device), (images - mean) / std)
+    return extract_features(AutoMAEModel.from_pretrained(model_dir).to(device), (images - mean) / std, pooling=pooling)
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
@@ -282,7 +331,8 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def build_classification_dataset(arrays: dict, target: Path) -> Path:
-    """`save_to_disk` DatasetDict (train / test) with a ClassLabel column, for `training/finetune.py`."""
+    """`save_to_disk` DatasetDict (train, validation where the arrays have one, test) with a ClassLabel column, for
+    `training/finetune.py` (which reports the test split apart from the one it evaluates on)."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
     from PIL import Image as PILImage
 
@@ -292,15 +342,17 @@ def build_classification_dataset(arrays: dict, target: Path) -> Path:
     DatasetDict({
         split: Dataset.from_dict({"image": [PILImage.fromarray(image, mode="L") for image in arrays[f"{split}_images"]],
                                   "label": arrays[f"{split}_labels"].astype(int).tolist()}, features)
-        for split in ("train", "test")
+        for split in ("train", "validation", "test") if f"{split}_images" in arrays
     }).save_to_disk(str(target))
     return target
 
 
 def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 10, threads: int | None = None,
-                      epochs: int = 40) -> float:
-    """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection on
-    the test split); returns test accuracy. Cached in `model_dir/finetune{per_class}_seed{seed}_epochs{epochs}`."""
+                      epochs: int = 40) -> dict:
+    """Whole-encoder finetuning on `per_class` labels per class (HF Trainer, fixed schedule, no model selection);
+    -> {"test": accuracy on the test split, "validation": on the validation split, or None where the data has none
+    (finetune.py then evaluates on a share of train)}. Cached in
+    `model_dir/finetune{per_class}_seed{seed}_epochs{epochs}`."""
     output = model_dir / f"finetune{per_class}_seed{seed}_epochs{epochs}"
     results = output / "all_results.json"
     if not results.exists():
@@ -312,7 +364,12 @@ def finetune_few_shot(model_dir: Path, data: Path, seed: int, per_class: int = 1
         run_quietly(command, threads, hide_stderr=True)
         for leftover in output.glob("*.safetensors"):  # only the number is needed; keep the folder small
             leftover.unlink()
-    return float(json.loads(results.read_text())["eval_accuracy"])
+    metrics = json.loads(results.read_text())
+    if metrics.get("test_split") != "test":  # eval_accuracy is a held-out share of train or a validation split
+        raise SystemExit(f"error: {results} has no test-split accuracy (test_split={metrics.get('test_split')!r}); "
+                         f"remove {output} and run again")
+    return {"test": float(metrics["test_accuracy"]),
+            "validation": float(metrics["eval_accuracy"]) if metrics.get("eval_split") == "validation" else None}
 
 
 def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
@@ -328,22 +385,38 @@ def save_random_encoder(target: Path, mae_dir: Path, seed: int) -> None:
     AutoImageProcessor.from_pretrained(mae_dir).save_pretrained(target)
 
 
-def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, mean: float, std: float) -> dict:
-    """kNN and linear probes (all labels; 10 per class, 3 draws) and foreground focus of one encoder, cached in
-    `model_dir/probes_seed{seed}_train{N}.json` (N training images: --quick probes fewer); `model_dir=None`: raw
-    pixels."""
-    cache = model_dir / f"probes_seed{seed}_train{len(train_x)}.json" if model_dir is not None else None
+PROBE_KEYS = ("knn", "linear", "knn@10", "linear@10")
+
+
+def probe(model_dir: Path | None, seed: int, train_x, train_y, evaluated: dict, mean: float, std: float,
+          test_boxes: np.ndarray | None = None, pooling: str = "cls") -> dict:
+    """kNN and linear probes (all labels; 10 per class, 3 draws) and foreground focus (on the first 1,000 test images;
+    `test_boxes` `[N, 4]` xywh where recorded) of one encoder. `evaluated`: {"test": (x, y)} and optionally
+    {"validation": (x, y)}, images `[N, 1, H, W]` in 0-1; -> test scores under `PROBE_KEYS`, validation scores under
+    "validation {key}", "focus". Cached in `model_dir/probes_seed{seed}_train{N}[_validation{V}][_mean].json`;
+    `model_dir=None`: raw pixels."""
+    validation = evaluated.get("validation")
+    name = (f"probes_seed{seed}_train{len(train_x)}" + (f"_validation{len(validation[0])}" if validation else "")
+            + ("" if pooling == "cls" else f"_{pooling}") + ".json")
+    cache = model_dir / name if model_dir is not None else None
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
-    if model_dir is None:
-        train_f, test_f = train_x.flatten(1), test_x.flatten(1)
-    else:
-        train_f, test_f = (features_of(model_dir, x, mean, std) for x in (train_x, test_x))
-    full = evaluate_features(train_f, train_y, test_f, test_y)
-    few = evaluate_features(train_f, train_y, test_f, test_y, 10, seeds=range(seed * 3, seed * 3 + 3))
-    result = {"knn": full["knn"], "linear": full["linear"], "knn@10": few["knn"], "linear@10": few["linear"]}
+
+    def features(x):
+        return x.flatten(1) if model_dir is None else features_of(model_dir, x, mean, std, pooling)
+
+    train_f = features(train_x)
+    result = {}
+    for split, (x, y) in evaluated.items():
+        split_f = features(x)
+        full = evaluate_features(train_f, train_y, split_f, y)
+        few = evaluate_features(train_f, train_y, split_f, y, 10, seeds=range(seed * 3, seed * 3 + 3))
+        prefix = "" if split == "test" else f"{split} "
+        result.update({f"{prefix}knn": full["knn"], f"{prefix}linear": full["linear"], f"{prefix}knn@10": few["knn"],
+                       f"{prefix}linear@10": few["linear"]})
     if model_dir is not None and (model_dir / "train_summary.json").exists():  # pretrained (not random init)
-        result["focus"] = foreground_focus(model_dir, test_x[:1000], mean, std, seed)
+        boxes = test_boxes[:1000] if test_boxes is not None else None
+        result["focus"] = foreground_focus(model_dir, evaluated["test"][0][:1000], mean, std, seed, boxes)
         for key in ("top-K agreement", "top-K in teacher top-K", "chance"):  # not garment shares
             if key in result["focus"]:
                 result[key] = result["focus"].pop(key)
@@ -352,7 +425,20 @@ def probe(model_dir: Path | None, seed: int, train_x, train_y, test_x, test_y, m
     return result
 
 
-def main(argv=None) -> None:
+def select_on_validation(validation: dict[str, dict[str, list[float]]], candidates: list[str], metric: str) -> str:
+    """The candidate arm with the highest mean `metric` over seeds on the validation split (the test split is only
+    reported). `validation`: {arm: {metric: [score per seed]}}."""
+    missing = [arm for arm in candidates if metric not in validation.get(arm, {})]
+    if missing:
+        raise ValueError(f"no validation {metric} for {missing}")
+    return max(candidates, key=lambda arm: statistics.mean(validation[arm][metric]))
+
+
+METRICS = {"kNN": "knn", "linear": "linear", "kNN@10": "knn@10", "linear@10": "linear@10"}  # column -> probe key
+CLUTTER_FLAGS = ("canvas", "object_scale", "fragments", "noise", "box_mask_factors", "select_metric")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 seed, 20 steps, probes on 2,000 training images, 4 finetuning epochs")
@@ -365,42 +451,107 @@ def main(argv=None) -> None:
                         help="pretraining and finetuning runs side by side (1 thread each when > 1)")
     parser.add_argument("--no_finetune", dest="finetune", action="store_false",
                         help="skip few-shot finetuning (default: on, except with --ablation)")
-    parser.add_argument("--data", choices=["subset", "debian"], default="subset")
+    parser.add_argument("--data", choices=["subset", "debian", "cluttered"], default="subset",
+                        help="cluttered: one garment per 64-px canvas among fragments of others "
+                             "(automae_hf/training/cluttered.py), with a validation split; the flags below shape it")
+    defaults = ClutterSettings()
+    parser.add_argument("--canvas", type=int, default=None,
+                        help=f"cluttered: canvas side in pixels, a multiple of {CLUTTERED_PATCH} "
+                             f"(default {defaults.canvas})")
+    parser.add_argument("--object_scale", type=float, default=None,
+                        help=f"cluttered: the garment's resize factor (default {defaults.object_scale})")
+    parser.add_argument("--fragments", type=int, default=None,
+                        help=f"cluttered: clutter fragments per canvas (default {defaults.fragments})")
+    parser.add_argument("--noise", type=float, default=None,
+                        help=f"cluttered: uniform pixel-noise amplitude, 0-255 (default {defaults.noise})")
+    parser.add_argument("--box_mask_factors", default=None,
+                        help="cluttered: the box prior's mask_factor values swept, comma-separated (default "
+                             f"{','.join(map(str, CLUTTERED_MASK_FACTORS))}); the best on validation is marked")
+    parser.add_argument("--select_metric", choices=list(METRICS), default=None,
+                        help="cluttered: the validation score choices are made on (default linear)")
+    parser.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                        help="probe features: the CLS token (MAE's recipe) or the mean of the patch tokens")
     parser.add_argument("--output_dir", default="outputs/quality")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="train an arm again where its folder holds a run with other arguments (default: refused)")
     args = parser.parse_args(argv)
+    given = [f"--{name}" for name in CLUTTER_FLAGS if getattr(args, name) is not None]
+    if args.data != "cluttered":
+        if given:
+            parser.error(f"{', '.join(given)} shape(s) the cluttered data set: add --data cluttered")
+        args.clutter, args.mask_factors = None, ()
+    else:
+        if args.ablation:
+            parser.error("--ablation runs on plain Fashion-MNIST; drop --data cluttered")
+        settings = {name: getattr(args, name) for name in ("canvas", "object_scale", "fragments", "noise")}
+        args.clutter = ClutterSettings(**{k: v for k, v in settings.items() if v is not None})
+        if args.clutter.canvas % CLUTTERED_PATCH:
+            parser.error(f"--canvas must be a multiple of the patch size {CLUTTERED_PATCH}, got {args.clutter.canvas}")
+        try:
+            args.mask_factors = tuple(float(v) for v in args.box_mask_factors.split(",")) if args.box_mask_factors \
+                else CLUTTERED_MASK_FACTORS
+        except ValueError:
+            parser.error(f"--box_mask_factors: expected comma-separated numbers, got {args.box_mask_factors!r}")
+        args.select_metric = args.select_metric or "linear"
     if args.quick:
         args.steps, args.seeds = 20, 1
     if args.ablation:
         args.finetune = False
     arms = list(ABLATION_ARMS if args.ablation else ARMS)
+    if args.quick and args.clutter is not None:  # 64-px canvases cost more: the smoke test keeps to 5 minutes
+        arms = list(CLUTTERED_QUICK_ARMS)
+        args.mask_factors = args.mask_factors if args.box_mask_factors else CLUTTERED_QUICK_MASK_FACTORS
     if args.arms:
         chosen = [arm.strip() for arm in args.arms.split(",")]
         unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION, *DINOV2_ARMS)]
         if unknown:
             parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION, *DINOV2_ARMS]}")
         arms = chosen
+    if args.mask_factors and "box prior" in arms:  # the sweep stands in for the single box prior
+        at = arms.index("box prior")
+        arms[at : at + 1] = [f"{BOX_PRIOR_SWEEP}{factor:g}" for factor in args.mask_factors]
+    args.arm_list = arms
+    return args
+
+
+def run_folder(args) -> str:
+    """OUTPUT_DIR's sub-folder: the data (with the cluttered settings, which change the images) and N."""
+    if args.clutter is None:
+        return f"{args.data}_N{args.steps}"
+    c = args.clutter
+    return f"cluttered_canvas{c.canvas}_scale{c.object_scale:g}_fragments{c.fragments}_noise{c.noise:g}_N{args.steps}"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    arms = args.arm_list
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    output_dir = Path(args.output_dir) / f"{args.data}_N{args.steps}"
+    output_dir = Path(args.output_dir) / run_folder(args)
     output_dir.mkdir(parents=True, exist_ok=True)
-    arrays = load_arrays(args.data)
+    arrays = load_arrays(args.data, args.clutter)
+    model = MODEL if args.clutter is None else MODEL + f",image_size={args.clutter.canvas},patch_size={CLUTTERED_PATCH}"
     data = build_dataset(arrays, output_dir / "data")
     labelled = build_classification_dataset(arrays, output_dir / "data_classification")
-    train_x = torch.tensor(arrays["train_images"]).float().unsqueeze(1) / 255.0
-    test_x = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255.0
-    train_y, test_y = torch.tensor(arrays["train_labels"]).long(), torch.tensor(arrays["test_labels"]).long()
+
+    def split(name):
+        return (torch.tensor(arrays[f"{name}_images"]).float().unsqueeze(1) / 255.0,
+                torch.tensor(arrays[f"{name}_labels"]).long())
+
+    train_x, train_y = split("train")
+    evaluated = {name: split(name) for name in ("validation", "test") if f"{name}_images" in arrays}
+    test_boxes = arrays.get("test_boxes")
     if args.quick:  # a smoke test: probes on 2,000 training images, short finetuning
         train_x, train_y = train_x[:2000], train_y[:2000]
     finetune_epochs = 4 if args.quick else 40
 
     start = time.perf_counter()
-    seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers, args.overwrite_output_dir)
-    metric_names = ("kNN", "linear", "kNN@10", "linear@10") + (("finetune@10",) if args.finetune else ())
+    seconds = pretrain_arms(arms, data, output_dir, args.steps, args.seeds, args.workers, args.overwrite_output_dir,
+                            model)
+    metric_names = tuple(METRICS) + (("finetune@10",) if args.finetune else ())
     encoders = {seed: {"raw pixels": None, "random init": output_dir / f"seed{seed}" / "random_init",
                        **{arm: output_dir / f"seed{seed}" / arm_folder(arm) for arm in arms}}
                 for seed in range(args.seeds)}
@@ -418,6 +569,7 @@ def main(argv=None) -> None:
                                                                      epochs=finetune_epochs), jobs)
             finetuned = {(seed, name): accuracy for (seed, name, _), accuracy in zip(jobs, accuracies)}
     scores: dict[str, dict[str, list[float]]] = {}
+    validation: dict[str, dict[str, list[float]]] = {}  # the same, on the validation split (cluttered data)
     focus: dict[str, dict[str, list[float]]] = {}
     agreement: dict[str, list[float]] = {}
     in_teacher: dict[str, list[float]] = {}  # share of the sampled top-K inside the teacher's own top-K
@@ -429,39 +581,44 @@ def main(argv=None) -> None:
         mean, std = float(processor.image_mean[0]), float(processor.image_std[0])
         print(f"seed {seed}: probing {len(encoders[seed])} encoders", flush=True)
         for name, model_dir in encoders[seed].items():
-            probes = probe(model_dir, seed, train_x, train_y, test_x, test_y, mean, std)
-            values = [probes[key] for key in ("knn", "linear", "knn@10", "linear@10")]
-            values.append(finetuned.get((seed, name)))
-            for metric, value in zip(metric_names, values):
-                if value is not None:
-                    scores.setdefault(name, {}).setdefault(metric, []).append(100 * value)
+            probes = probe(model_dir, seed, train_x, train_y, evaluated, mean, std, test_boxes, args.pooling)
+            finetune = finetuned.get((seed, name), {})
+            for split_name, table in (("test", scores), ("validation", validation)):
+                prefix = "" if split_name == "test" else f"{split_name} "
+                for metric, key in METRICS.items():
+                    if f"{prefix}{key}" in probes:
+                        table.setdefault(name, {}).setdefault(metric, []).append(100 * probes[f"{prefix}{key}"])
+                if finetune.get(split_name) is not None:
+                    table.setdefault(name, {}).setdefault("finetune@10", []).append(100 * finetune[split_name])
             for key, value in probes.get("focus", {}).items():
                 focus.setdefault(name, {}).setdefault(key, []).append(100 * value)
             if "top-K agreement" in probes:
                 agreement.setdefault(name, []).append(100 * probes["top-K agreement"])
                 in_teacher.setdefault(name, []).append(100 * probes["top-K in teacher top-K"])
                 chance = 100 * probes["chance"]
-        (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "focus": focus}, indent=1))
-    report = make_report(args, scores, focus, agreement, in_teacher, chance, seconds, len(train_x), len(test_x),
-                         metric_names, time.perf_counter() - start)
+        (output_dir / "partial.json").write_text(json.dumps({"scores": scores, "validation": validation,
+                                                             "focus": focus}, indent=1))
+    sweep = [arm for arm in arms if arm.startswith(BOX_PRIOR_SWEEP)]
+    chosen = select_on_validation(validation, sweep, args.select_metric) if sweep else None
+    report = make_report(args, scores, focus, agreement, in_teacher, chance, seconds, len(train_x),
+                         {name: len(x) for name, (x, _) in evaluated.items()}, metric_names,
+                         time.perf_counter() - start, validation, chosen, test_boxes)
     name = "ablation" if args.ablation else "report"
     (output_dir / f"{name}.md").write_text(report + "\n")
-    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "focus": focus, "top-K agreement": agreement,
-                                                           "top-K in teacher top-K": in_teacher, "seconds": seconds},
+    (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "validation": validation, "focus": focus,
+                                                           "top-K agreement": agreement,
+                                                           "top-K in teacher top-K": in_teacher, "seconds": seconds,
+                                                           "chosen on validation": chosen,
+                                                           "clutter": args.clutter and args.clutter.fingerprint()},
                                                           indent=1))
     print(report)
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def make_report(args, scores, focus, agreement, in_teacher, chance, seconds, num_train, num_test, metric_names,
-                wall_seconds) -> str:
-    lines = [f"Fashion-MNIST ({args.data}: {num_train} train / {num_test} test), N = {args.steps} steps of 128, "
-             f"{args.seeds} seed(s); test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
-             f"(* where it exceeds both arms' seed std)", ""]
-    header = ("| encoder | " + " | ".join(metric_names) + " | masked on garment % | learned top-K on garment % | "
-              "sampled top-K = scores' top-K % | sampled top-K in teacher's top-K % | pretrain s |")
-    lines += [header, "|" + "---|" * (len(metric_names) + 6)]
-    baseline = {m: summarise(scores["MAE N"][m]) for m in metric_names}
+def score_table(scores, metric_names, seeds: int, label=lambda name: name) -> list[str]:
+    """Markdown rows `| encoder | metric cells |`: mean +- std over seeds, the difference to MAE N in brackets."""
+    baseline = {m: summarise(scores["MAE N"][m]) for m in metric_names if m in scores.get("MAE N", {})}
+    rows = []
     for name, by_metric in scores.items():
         cells = []
         for metric in metric_names:
@@ -469,29 +626,68 @@ def make_report(args, scores, focus, agreement, in_teacher, chance, seconds, num
                 cells.append("-")
                 continue
             mean_value, std_value = summarise(by_metric[metric])
-            delta = mean_value - baseline[metric][0]
-            beyond = "*" if args.seeds > 1 and abs(delta) > max(std_value, baseline[metric][1]) else ""
-            tail = "" if name in ("raw pixels", "random init", "MAE N") else f" ({delta:+.1f}{beyond})"
-            cells.append(f"{mean_value:.1f} +- {std_value:.1f}{tail}")
+            cell = f"{mean_value:.1f} +- {std_value:.1f}"
+            if metric in baseline and name not in ("raw pixels", "random init", "MAE N"):
+                delta = mean_value - baseline[metric][0]
+                beyond = "*" if seeds > 1 and abs(delta) > max(std_value, baseline[metric][1]) else ""
+                cell += f" ({delta:+.1f}{beyond})"
+            cells.append(cell)
+        rows.append(f"| {label(name)} | " + " | ".join(cells))
+    return rows
+
+
+def make_report(args, scores, focus, agreement, in_teacher, chance, seconds, num_train, num_evaluated: dict,
+                metric_names, wall_seconds, validation=None, chosen=None, test_boxes=None) -> str:
+    cluttered = args.clutter is not None
+    region = "in box" if cluttered else "on garment"
+    data = (f"cluttered Fashion-MNIST ({args.clutter.fingerprint()})" if cluttered else f"Fashion-MNIST ({args.data})")
+    sizes = " / ".join(f"{count} {name}" for name, count in num_evaluated.items())
+    lines = [f"{data}: {num_train} train / {sizes}, N = {args.steps} steps of 128, {args.seeds} seed(s), probe "
+             f"features {args.pooling}; test accuracy % (mean +- std over seeds), difference to MAE N in brackets "
+             f"(* where it exceeds both arms' seed std)", ""]
+    object_column = " object patches masked % |" if cluttered else ""  # how much of the object the encoder loses
+    header = ("| encoder | " + " | ".join(metric_names) + f" | masked {region} % |{object_column} learned top-K "
+              f"{region} % | sampled top-K = scores' top-K % | sampled top-K in teacher's top-K % | pretrain s |")
+    lines += [header, "|" + "---|" * (len(metric_names) + 6 + cluttered)]
+
+    def label(name):
+        return f"{name} (chosen on validation)" if name == chosen else name
+
+    for name, row in zip(scores, score_table(scores, metric_names, args.seeds, label)):
         garment, top = focus.get(name, {}).get("masked"), focus.get(name, {}).get("learned top-K")
         time_cell = f"{statistics.mean(seconds[name]):.0f}" if name in seconds else "-"
         garment_cell = f"{summarise(garment)[0]:.1f}" if garment else "-"
         top_cell = f"{summarise(top)[0]:.1f}" if top else "-"
         agreement_cell = f"{summarise(agreement[name])[0]:.0f}" if name in agreement else "-"
         teacher_cell = f"{summarise(in_teacher[name])[0]:.0f}" if name in in_teacher else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {garment_cell} | {top_cell} | {agreement_cell} | "
-                     f"{teacher_cell} | {time_cell} |")
-    grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
-    lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
+        hidden = focus.get(name, {}).get("object masked")
+        object_cell = (f" {summarise(hidden)[0]:.1f} |" if hidden else " - |") if cluttered else ""
+        lines.append(f"{row} | {garment_cell} |{object_cell} {top_cell} | {agreement_cell} | {teacher_cell} | "
+                     f"{time_cell} |")
+    if cluttered:
+        grid_share = 100 * box_patch_share(test_boxes, args.clutter.canvas, CLUTTERED_PATCH)
+        lines += ["", f"Object box's share of the grid (random masking's expected share, all test images): "
+                      f"{grid_share:.1f}%."]
+    else:
+        grid_share = statistics.mean(v for arm in focus.values() for v in arm["grid"])
+        lines += ["", f"Garment share of the grid (random masking's expected share): {grid_share:.1f}%."]
+    if validation:
+        lines += ["", f"Validation split (held out of train; the split choices are made on), accuracy %:", "",
+                  "| encoder | " + " | ".join(metric_names) + " |", "|" + "---|" * (len(metric_names) + 1)]
+        lines += [f"{row} |" for row in score_table(validation, metric_names, args.seeds, label)]
+    if chosen:
+        lines.append(f"\nBox prior mask_factor chosen on validation {args.select_metric}: "
+                     f"{chosen[len(BOX_PRIOR_SWEEP):]} (of {', '.join(f'{v:g}' for v in args.mask_factors)}).")
     if chance is not None:
         lines.append(f"Sampled top-K = scores' top-K: share of the Gumbel-sampled top-K that is also in the scores' "
                      f"noise-free top-K (chance {chance:.0f}%; 100 = the scores alone decide).")
     for name, by_key in focus.items():
         if "teacher top" in by_key:
-            parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in by_key.items() if key != "grid"]
+            parts = [f"{key} {summarise(values)[0]:.1f}%" for key, values in by_key.items()
+                     if key not in ("grid", "object masked")]
             decided = (f"; sampled top-K agreeing with the scores' own top-K {summarise(agreement[name])[0]:.0f}% "
                        f"(chance {chance:.0f}%)" if name in agreement else "")
-            lines.append(f"{name}: on garment: " + ", ".join(parts) + decided)
+            lines.append(f"{name}: {region}: " + ", ".join(parts) + decided)
     lines.append(f"\nTotal wall time {wall_seconds:.0f} s ({args.workers} pretraining worker(s)); torch "
                  f"{torch.__version__}, {torch.get_num_threads()} threads.")
     return "\n".join(lines)

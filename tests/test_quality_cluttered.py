@@ -1,0 +1,118 @@
+"""benchmarks/quality.py --data cluttered: the data it pretrains on, where it counts the mask, what it chooses on, and
+which split its few-shot finetuning reports."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, make_tiny_config
+
+from automae_hf import AutoMAEForPreTraining
+from automae_hf.training.cluttered import ClutterSettings, box_patch_share, make_cluttered_splits
+
+spec = importlib.util.spec_from_file_location("quality", REPO_ROOT / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+SETTINGS = ClutterSettings(canvas=64, fragments=8, validation_size=10)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    subset = np.load(REPO_ROOT / "training" / "data" / "fashion_mnist_subset.npz")
+    small = {"train_images": subset["train_images"][:40], "train_labels": subset["train_labels"][:40],
+             "test_images": subset["test_images"][:24], "test_labels": subset["test_labels"][:24]}
+    return make_cluttered_splits(small, SETTINGS)
+
+
+def test_pretraining_data_is_the_train_split_with_the_recorded_boxes(arrays, tmp_path):
+    """The box prior's oracle is the garment's recorded box (its non-zero pixels include clutter), and the validation
+    images never enter pretraining."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(quality.build_dataset(arrays, tmp_path / "data")))
+    assert len(data) == 30  # 40 training images, 10 held out for validation
+    np.testing.assert_allclose([row["bbox"][0] for row in data["objects"]], arrays["train_boxes"])
+    assert data[0]["image"].size == (64, 64)
+    pixel_box = quality.garment_box(arrays["train_images"][0])  # what the plain-data path would have recorded
+    assert pixel_box != arrays["train_boxes"][0].tolist()
+    labelled = load_from_disk(str(quality.build_classification_dataset(arrays, tmp_path / "labelled")))
+    assert {name: len(split) for name, split in labelled.items()} == {"train": 30, "validation": 10, "test": 24}
+
+
+def test_focus_counts_the_mask_inside_the_recorded_box(arrays, tmp_path):
+    """mask_factor 1 masks every box patch first: the masked share in the box is min(box patches, masked) / masked,
+    read on the box (centre rule), not on the non-zero pixels; the grid share is `box_patch_share`."""
+    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior", mask_factor=1.0)
+    AutoMAEForPreTraining(config).save_pretrained(tmp_path / "box_prior")
+    images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
+    boxes = arrays["test_boxes"]
+    focus = quality.foreground_focus(tmp_path / "box_prior", images, 0.5, 0.5, seed=0, boxes=boxes)
+
+    _, inside = quality.object_patches(images, boxes, patch=8)
+    masked = 64 - int(64 * (1 - config.mask_ratio))
+    expected = np.minimum(inside.sum(1).numpy(), masked).sum() / (masked * len(images))
+    assert focus["masked"] == pytest.approx(expected)
+    assert focus["grid"] == pytest.approx(box_patch_share(boxes, canvas=64, patch=8))
+    assert focus["grid"] < focus["masked"]  # the object covers a minority of the grid: every box patch is masked
+    assert focus["object masked"] == pytest.approx(1.0)
+
+
+def test_the_box_prior_sweep_is_chosen_on_validation_and_the_report_says_so():
+    validation = {"box prior beta 0.1": {"linear": [60.0]}, "box prior beta 0.5": {"linear": [50.0]}}
+    test = {"MAE N": {"linear": [40.0]}, "box prior beta 0.1": {"linear": [45.0]},
+            "box prior beta 0.5": {"linear": [70.0]}}
+    chosen = quality.select_on_validation(validation, ["box prior beta 0.1", "box prior beta 0.5"], "linear")
+    assert chosen == "box prior beta 0.1"  # the test split would have picked 0.5
+    args = quality.parse_args(["--data", "cluttered", "--box_mask_factors", "0.1,0.5", "--seeds", "1"])
+    report = quality.make_report(args, test, {}, {}, {}, None, {}, 30, {"validation": 10, "test": 24},
+                                 ("linear",), 1.0, {**validation, "MAE N": {"linear": [41.0]}}, chosen,
+                                 np.array([[0, 0, 16, 16]], dtype=np.float32))
+    assert "| box prior beta 0.1 (chosen on validation) | 45.0 +- 0.0 (+5.0)" in report
+    assert "Validation split" in report and "| masked in box % | object patches masked % |" in report
+    assert "chosen on validation linear: 0.1 (of 0.1, 0.5)" in report
+    assert "Object box's share of the grid (random masking's expected share, all test images): 6.2%" in report
+
+
+def test_cluttered_flags_shape_the_runs_and_are_refused_without_cluttered_data():
+    args = quality.parse_args(["--data", "cluttered", "--canvas", "48", "--noise", "20", "--steps", "7",
+                               "--arms", "MAE N,box prior,AutoMAE", "--box_mask_factors", "0.05,0.25"])
+    assert args.clutter == ClutterSettings(canvas=48, noise=20.0)
+    assert args.arm_list == ["MAE N", "box prior beta 0.05", "box prior beta 0.25", "AutoMAE"]
+    assert quality.run_folder(args) == "cluttered_canvas48_scale1_fragments8_noise20_N7"
+    extra, overrides, _ = quality.arm_arguments("box prior beta 0.05", REPO_ROOT)
+    assert "box_prior" in extra and overrides == ",mask_factor=0.05"
+    assert quality.parse_args(["--data", "cluttered"]).arm_list.count("box prior") == 0
+    for argv in (["--canvas", "48"], ["--box_mask_factors", "0.1"], ["--data", "cluttered", "--canvas", "60"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+
+
+def test_few_shot_finetuning_reports_the_test_split(tmp_path, monkeypatch):
+    """finetune.py evaluates on a validation split, or 10% of train held out where there is none; the benchmark's
+    number is its test split's."""
+    def fake_finetune(metrics):
+        def run(command, threads, hide_stderr):
+            output = tmp_path / command[command.index("--output_dir") + 1]
+            output.mkdir(parents=True)
+            (output / "all_results.json").write_text(json.dumps(metrics))
+        return run
+
+    monkeypatch.setattr(quality, "run_quietly", fake_finetune(
+        {"eval_accuracy": 0.9, "eval_split": "train (held out)", "test_accuracy": 0.5, "test_split": "test"}))
+    assert quality.finetune_few_shot(tmp_path / "a", tmp_path, seed=0) == {"test": 0.5, "validation": None}
+    monkeypatch.setattr(quality, "run_quietly", fake_finetune(
+        {"eval_accuracy": 0.7, "eval_split": "validation", "test_accuracy": 0.6, "test_split": "test"}))
+    assert quality.finetune_few_shot(tmp_path / "b", tmp_path, seed=0) == {"test": 0.6, "validation": 0.7}
+    monkeypatch.setattr(quality, "run_quietly", fake_finetune({"eval_accuracy": 0.9, "eval_split": "validation"}))
+    with pytest.raises(SystemExit, match="no test-split accuracy"):
+        quality.finetune_few_shot(tmp_path / "c", tmp_path, seed=0)
+
+
+def test_quick_keeps_the_cluttered_smoke_test_small():
+    args = quality.parse_args(["--data", "cluttered", "--quick"])
+    assert args.arm_list == ["MAE N", "box prior beta 0.1", "box prior beta 0.5", "AutoMAE"] and args.steps == 20
+    assert quality.parse_args(["--data", "cluttered", "--quick", "--box_mask_factors", "0.25"]).arm_list[1] == \
+        "box prior beta 0.25"
