@@ -603,7 +603,7 @@ def main(argv=None) -> None:
     report = make_report(args, scores, focus, agreement, in_teacher, chance, seconds, len(train_x),
                          {name: len(x) for name, (x, _) in evaluated.items()}, metric_names,
                          time.perf_counter() - start, validation, chosen, test_boxes)
-    name = "ablation" if args.ablation else "report"
+    name = ("ablation" if args.ablation else "report") + ("" if args.pooling == "cls" else f"_{args.pooling}")
     (output_dir / f"{name}.md").write_text(report + "\n")
     (output_dir / f"{name}.json").write_text(json.dumps({"scores": scores, "validation": validation, "focus": focus,
                                                            "top-K agreement": agreement,
