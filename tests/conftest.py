@@ -95,6 +95,23 @@ def synthetic_images(n, seed=0):
     return out
 
 
+
+def save_corrupt_image_dataset(folder, seed=1) -> None:
+    """12 synthetic PNGs as undecoded `image` bytes, the sixth replaced by bytes that are no image (a `save_to_disk`
+    folder)."""
+    import io
+
+    import datasets
+
+    items = []
+    for image in synthetic_images(12, seed=seed):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        items.append({"bytes": buffer.getvalue(), "path": None})
+    items[5] = {"bytes": b"\x89PNG\r\n\x1a\n this is not a png", "path": None}
+    corrupt = datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False))
+    corrupt.save_to_disk(str(folder))
+
 def run(args, launcher=None, check=True, timeout=300):
     command = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
     result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)

@@ -12,7 +12,15 @@ import sys
 import pytest
 import torch
 
-from conftest import ENV, REPO_ROOT, common, load_weights, path_without_python, synthetic_images
+from conftest import (
+    ENV,
+    REPO_ROOT,
+    common,
+    load_weights,
+    path_without_python,
+    save_corrupt_image_dataset,
+    synthetic_images,
+)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU process-group tests")
 # `accelerate launch` of this interpreter's accelerate, whatever PATH holds (its workers run sys.executable too).
@@ -132,19 +140,10 @@ def test_skip_count_is_summed_over_processes_across_a_resume(tmp_path, no_python
     """One undecodable image in 12, two processes, two epochs: it is skipped once per epoch, by whichever process
     draws it. A run resumed at the epoch boundary reports the same 2: the count is summed over the processes before
     each save (every process reloads rank 0's copy), and the logged metrics are means over both processes."""
-    import io
     import json
 
-    import datasets
-
-    items = []
-    for image in synthetic_images(12, seed=1):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        items.append({"bytes": buffer.getvalue(), "path": None})
-    items[5] = {"bytes": b"\x89PNG\r\n\x1a\n this is not a png", "path": None}
     data = tmp_path / "corrupt"
-    datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False)).save_to_disk(data)
+    save_corrupt_image_dataset(data)
 
     def two_epochs(out, *extra):  # 12 images = 2 steps of 2 x 3 per epoch
         return common(data, out, 4, "--per_device_train_batch_size", 3, "--checkpointing_steps", 2, *extra)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from automae_hf import AUTOMAE_PRESETS
-from conftest import TINY, common, load_weights, pretrain_in_process, run, synthetic_images
+from conftest import (
+    TINY,
+    common,
+    load_weights,
+    pretrain_in_process,
+    run,
+    save_corrupt_image_dataset,
+    synthetic_images,
+)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -18,17 +26,7 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain_data")
     clean = datasets.Dataset.from_dict({"img": synthetic_images(24)}).cast_column("img", datasets.Image())
     clean.save_to_disk(str(root / "clean"))
-    # One corrupt entry: bytes that are no image.
-    import io
-
-    items = []
-    for image in synthetic_images(12, seed=1):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        items.append({"bytes": buffer.getvalue(), "path": None})
-    items[5] = {"bytes": b"\x89PNG\r\n\x1a\n this is not a png", "path": None}
-    corrupt = datasets.Dataset.from_dict({"image": items}).cast_column("image", datasets.Image(decode=False))
-    corrupt.save_to_disk(str(root / "corrupt"))
+    save_corrupt_image_dataset(root / "corrupt")  # one entry's bytes are no image
     return root
 
 
