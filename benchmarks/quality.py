@@ -212,7 +212,7 @@ def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
 
 
 def dinov2_folder() -> Path:
-    from automae_hf.training.dinov2_teacher import dinov2_teacher_path
+    from automae_hf.tools.dinov2_teacher import dinov2_teacher_path
 
     return dinov2_teacher_path(build=True)
 

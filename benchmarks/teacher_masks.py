@@ -52,7 +52,7 @@ def main(argv=None) -> None:
                         help="train an arm again where its folder holds a run with other arguments (default: refused)")
     args = parser.parse_args(argv)
     from automae_hf.training.default_job import plan_pretraining_run
-    from automae_hf.training.dinov2_teacher import dinov2_teacher_path
+    from automae_hf.tools.dinov2_teacher import dinov2_teacher_path
 
     output_dir = Path(args.output_dir)
     photos = imagenet_photos(output_dir)

@@ -199,3 +199,43 @@ def test_every_command_line_reads_a_folder_by_one_rule(image_folder_root, tmp_pa
         pretraining_images("--dataset_name", str(tmp_path / "empty"))
     error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error) == 1 and "image-folder root" in error[0] and "--train_dir" in error[0], error
+
+
+def test_every_command_line_finds_the_same_columns(tmp_path, capsys):
+    """Pretraining, finetuning and the probe detect the image column among `IMAGE_COLUMN_CANDIDATES` and the label
+    column (a `ClassLabel` first) by one rule, and refuse a named column the data set lacks with the same line."""
+    import datasets
+
+    from automae_hf.training import finetuning, probes
+    from automae_hf.training.pretraining import build_parser
+
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),
+                                  "target": datasets.ClassLabel(names=["dark", "bright"])})
+    images = [smooth_image("L", 20, 16) for _ in range(6)]
+    split = datasets.Dataset.from_dict({"picture": images, "caption": ["x"] * 6, "target": [0, 1] * 3}, features)
+    datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(str(tmp_path / "data"))
+    dataset_flags = ["--dataset_name", str(tmp_path / "data")]
+
+    parser = build_parser()
+    _, column, _ = data.load_images(parser.parse_args(["--output_dir", str(tmp_path / "out"), *dataset_flags]), parser)
+    finetune_parser, _, data_args, _ = finetuning.parse_arguments(
+        ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "ft"), *dataset_flags])
+    splits = finetuning.load_splits(data_args, finetune_parser, seed=0)
+    assert column == splits.image_column == "picture" and splits.label_column == "target"
+    with pytest.raises(SystemExit):  # the columns are found: the probe goes on to the (missing) model
+        probes.main(["--model_name_or_path", str(tmp_path / "no_model"), *dataset_flags])
+    assert "--model_name_or_path" in capsys.readouterr().err
+
+    refusals = []
+    for run in (lambda flags: data.load_images(parser.parse_args(["--output_dir", str(tmp_path / "o"), *flags]), parser),
+                lambda flags: finetuning.load_splits(finetuning.parse_arguments(
+                    ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "o"), *flags])[2], finetune_parser, 0),
+                lambda flags: probes.main(["--model_name_or_path", "m", *flags])):
+        with pytest.raises(SystemExit):
+            run([*dataset_flags, "--image_column_name", "pixels"])
+        refusals.append([line.split("error: ")[-1] for line in capsys.readouterr().err.splitlines() if "error:" in line])
+    expected = "--image_column_name 'pixels' is not a column of the data set ['picture', 'caption', 'target']"
+    assert refusals == [[expected]] * 3
+    with pytest.raises(SystemExit):
+        probes.main(["--model_name_or_path", "m", *dataset_flags, "--label_column_name", "caption_id"])
+    assert "--label_column_name 'caption_id' is not a column" in capsys.readouterr().err

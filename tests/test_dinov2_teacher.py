@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from automae_hf.training import dinov2_teacher as dt
+from automae_hf.tools import dinov2_teacher as dt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINEAR_SUFFIXES = ("query.weight", "key.weight", "value.weight", "dense.weight", "fc1.weight", "fc2.weight")

@@ -32,6 +32,17 @@ def test_card_templates_are_package_data():
     assert {package / "model_cards" / f"{kind}.md" for kind in model_card.KINDS} <= declared
 
 
+def test_the_tools_are_packaged_and_their_command_line_imports_them():
+    """`automae_hf.tools` ships in the wheel, and `training/build_dinov2_teacher.py` runs its `main`."""
+    from distutils.core import run_setup
+
+    from automae_hf.tools import dinov2_teacher
+
+    assert "automae_hf.tools" in run_setup(str(REPO_ROOT / "setup.py"), stop_after="init").packages
+    script = (REPO_ROOT / "training" / "build_dinov2_teacher.py").read_text()
+    assert "from automae_hf.tools.dinov2_teacher import main" in script and callable(dinov2_teacher.main)
+
+
 @pytest.mark.slow  # builds and installs a wheel (about 20 s)
 def test_export_works_from_an_installed_wheel(tmp_path):
     from transformers import ViTImageProcessor

@@ -16,13 +16,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..configuration_automae import BOX_FORMATS
 from ..masking import pad_boxes
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
+# Looked for after a `ClassLabel` column, which is the label wherever a data set has one.
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class", "target", "category")
 BOX_COLUMN_CANDIDATES = ("objects", "bbox")  # HF detection conventions: objects.bbox (COCO xywh), or bbox
 DATA_BOX_FORMATS = ("xywh",) + tuple(f for f in BOX_FORMATS if f != "xywh")  # COCO first: HF's `objects` default
 
@@ -495,32 +496,104 @@ def load_image_dataset(parser, dataset_name=None, train_dir=None, eval_dir=None,
         parser.error(f"cannot load the data set ({dataset_name or train_dir}): {one_line(error)}. {DATA_LAYOUT}")
 
 
+def column_names(data) -> list[str]:
+    """The columns of a split, streamed or not (a streamed split may know its features only)."""
+    return list(data.column_names or (data.features or {}).keys())
+
+
+def pick_split(parser, data, split: str, flag: str):
+    """-> `data[split]`; a split the data set lacks ends in one `parser.error` naming `flag` and the splits it has."""
+    if split not in data:
+        parser.error(f"{flag} {split!r} not in the data set's splits {list(data)}")
+    return data[split]
+
+
+def image_column_of(parser, data, name: str | None = None) -> str:
+    """The image column of a split: `name` (--image_column_name) when given, else the first of
+    `IMAGE_COLUMN_CANDIDATES` it has."""
+    return _find_column(parser, column_names(data), name, IMAGE_COLUMN_CANDIDATES, "--image_column_name", "image")
+
+
+def label_column_of(parser, data, name: str | None = None) -> str:
+    """The label column of a split: `name` (--label_column_name) when given, else its `ClassLabel` column, else the
+    first of `LABEL_COLUMN_CANDIDATES` it has."""
+    import datasets
+
+    features = getattr(data, "features", None) or {}
+    class_labels = tuple(c for c, feature in features.items() if isinstance(feature, datasets.ClassLabel))
+    return _find_column(parser, column_names(data), name, class_labels + LABEL_COLUMN_CANDIDATES,
+                        "--label_column_name", "label")
+
+
+def _find_column(parser, columns, name, candidates, flag: str, kind: str) -> str:
+    if name is not None:
+        if name not in columns:
+            parser.error(f"{flag} {name!r} is not a column of the data set {columns}")
+        return name
+    found = next((column for column in candidates if column in columns), None)
+    if found is None:
+        parser.error(f"no {kind} column found among {columns}; name it with {flag}")
+    return found
+
+
+def undecoded(data, column: str):
+    """`data` with its `datasets.Image` column left as bytes / paths: images are decoded in the DataLoader workers
+    (`decode_image`), where an undecodable one is skipped or named instead of failing the whole split."""
+    import datasets
+
+    features = getattr(data, "features", None) or {}
+    if isinstance(features.get(column), datasets.Image):
+        return data.cast_column(column, datasets.Image(decode=False))
+    return data
+
+
 def load_images(args, parser, with_boxes: bool = False):
     """-> (hf dataset of one split, image column name, box column name or None), read by `load_image_dataset`'s
     rule; `--dataset_split` picks the split."""
-    import datasets
-
     data = load_image_dataset(parser, args.dataset_name, args.train_dir, train_split=args.dataset_split,
                               dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
                               streaming=args.streaming)
-    if args.dataset_split not in data:
-        parser.error(f"--dataset_split {args.dataset_split!r} not in the data set's splits {list(data)}")
-    data = data[args.dataset_split]
-    columns = list(data.column_names or (data.features or {}).keys())
-    if args.image_column_name is not None:
-        if args.image_column_name not in columns:
-            parser.error(f"--image_column_name {args.image_column_name!r} is not a column of the data set {columns}")
-        column = args.image_column_name
-    else:
-        column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in columns), None)
-        if column is None:
-            parser.error(f"no image column found among {columns}; name it with --image_column_name")
-    if isinstance(getattr(data, "features", None) or {}, dict) and data.features and isinstance(
-        data.features.get(column), datasets.Image
-    ):
-        data = data.cast_column(column, datasets.Image(decode=False))
-    box_column = find_box_column(args, parser, data, columns) if with_boxes else None
+    data = pick_split(parser, data, args.dataset_split, "--dataset_split")
+    column = image_column_of(parser, data, args.image_column_name)
+    data = undecoded(data, column)
+    box_column = find_box_column(args, parser, data, column_names(data)) if with_boxes else None
     data = data.select_columns([column] + ([box_column] if box_column else []))
     if args.max_train_samples is not None:
         data = data.take(args.max_train_samples) if args.streaming else data.select(range(min(args.max_train_samples, len(data))))
     return data, column, box_column
+
+
+# ---- the image processor saved beside a model ----------------------------------------------------------------------
+def vit_image_processor_class():
+    """transformers 5.x's torchvision-free `ViTImageProcessorPil` (same fields, same saved format), else
+    `ViTImageProcessor`."""
+    try:
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:
+        from transformers import ViTImageProcessor
+    return ViTImageProcessor
+
+
+def default_image_processor(config):
+    """The processor of a model saved without one: MAE's ImageNet mean/std (averaged over the channels for a grayscale
+    model), resized to the model's `image_size`."""
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if config.num_channels == 1:
+        mean, std = [float(np.mean(mean))], [float(np.mean(std))]
+    return vit_image_processor_class()(image_mean=list(mean), image_std=list(std), size={"height": size, "width": size})
+
+
+def load_image_processor(name_or_path: str, config, cache_dir=None):
+    """The checkpoint's image processor (its pretraining mean/std/size), else `default_image_processor(config)`; a
+    3-channel model's processor converts grayscale / RGBA inputs to RGB, as in pretraining."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001  (no preprocessor_config.json, or one that does not load)
+        logger.warning("No image processor in %s: using ImageNet mean/std", name_or_path)
+        processor = default_image_processor(config)
+    if config.num_channels == 3:
+        processor.do_convert_rgb = True
+    return processor

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..configuration_automae import ENCODER_ARCHITECTURE_FIELDS
+from .data import load_image_processor
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
 from .model_card import dataset_label, hub_id, public_name, read_run_metadata, write_card
 
@@ -30,12 +32,6 @@ logger = logging.getLogger("automae.export")
 
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "layernorm.")
 FORBIDDEN_KEY_PARTS = ("decoder", "mask_generator", "teacher", "discriminator", "score_head")
-# AutoMAEConfig fields that a ViTConfig has with the same meaning.
-VIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-              "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
-              "image_size", "patch_size", "num_channels", "qkv_bias")
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 class ExportError(RuntimeError):
@@ -88,32 +84,11 @@ def load_encoder(name_or_path: str, cache_dir=None):
     return model.eval()
 
 
-def load_image_processor(name_or_path: str, config, cache_dir=None):
-    """The checkpoint's image processor (pretraining mean/std/size), converting grayscale to the model's channels."""
-    from transformers import AutoImageProcessor
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
-    except Exception:  # noqa: BLE001
-        try:
-            from transformers import ViTImageProcessorPil as ViTImageProcessor
-        except ImportError:
-            from transformers import ViTImageProcessor
-        logger.warning("No image processor in %s: using ImageNet mean/std", name_or_path)
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        if config.num_channels == 1:
-            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-        processor = ViTImageProcessor(image_mean=list(mean), image_std=list(std), size={"height": size, "width": size})
-    if config.num_channels == 3:
-        processor.do_convert_rgb = True  # grayscale / RGBA inputs become 3-channel, as in pretraining
-    return processor
-
-
 def vit_config_from(config):
+    """The `ViTConfig` of an AutoMAE encoder: the architecture fields both configs share, with the same meaning."""
     from transformers import ViTConfig
 
-    fields = {name: getattr(config, name) for name in VIT_FIELDS}
+    fields = {name: getattr(config, name) for name in ENCODER_ARCHITECTURE_FIELDS}
     vit_config = ViTConfig(**fields)
     vit_config.architectures = ["ViTModel"]
     return vit_config

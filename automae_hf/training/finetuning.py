@@ -47,18 +47,23 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from .data import (
     DATA_LAYOUT,
     IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
     EpochDataset,
     decode_image,
+    image_column_of,
+    label_column_of,
     load_image_dataset,
+    load_image_processor,
     one_line,
+    pick_split,
     random_resized_crop_box,
+    undecoded,
 )
 from .hub import push_folder
 from .model_card import dataset_label, public_name
 
 logger = logging.getLogger("automae.finetune")
 
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class", "target", "category")
 # Split names that mean "held back for model selection"; any other evaluation split (test, ...) is a reported split.
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 # A split of this name, when it is not the evaluation split, is evaluated once at the end (test_accuracy).
@@ -255,23 +260,12 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None) -> Split
     data = load_image_dataset(parser, args.dataset_name, args.train_dir, eval_dir=args.validation_dir,
                               train_split="train", eval_split="validation",
                               dataset_config_name=args.dataset_config_name, cache_dir=cache_dir)
-    if args.train_split not in data:
-        parser.error(f"--train_split {args.train_split!r} not in the data set's splits {list(data)}")
-    train = data[args.train_split]
+    train = pick_split(parser, data, args.train_split, "--train_split")
     eval_split = args.validation_split or next((s for s in VALIDATION_SPLIT_NAMES if s in data), None)
-    if args.validation_split and args.validation_split not in data:
-        parser.error(f"--validation_split {args.validation_split!r} not in the data set's splits {list(data)}")
-
-    columns = train.column_names
-    image_column = args.image_column_name or next((c for c in IMAGE_COLUMN_CANDIDATES if c in columns), None)
-    if image_column is None or image_column not in columns:
-        parser.error(f"no image column {args.image_column_name or ''} among {columns}; name it with --image_column_name")
-    label_column = args.label_column_name
-    if label_column is None:
-        label_column = next((c for c, f in train.features.items() if isinstance(f, datasets.ClassLabel)), None)
-        label_column = label_column or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
-    if label_column is None or label_column not in columns:
-        parser.error(f"no label column {args.label_column_name or ''} among {columns}; name it with --label_column_name")
+    if args.validation_split:
+        pick_split(parser, data, args.validation_split, "--validation_split")
+    image_column = image_column_of(parser, train, args.image_column_name)
+    label_column = label_column_of(parser, train, args.label_column_name)
     test_split = TEST_SPLIT_NAME if TEST_SPLIT_NAME in data and TEST_SPLIT_NAME != eval_split else None
     if test_split and (label_column not in data[test_split].column_names or not len(data[test_split])
                        or {-1, None} & set(data[test_split][label_column])):  # -1: ClassLabel's "no label"
@@ -305,12 +299,8 @@ def load_splits(args: DataArguments, parser, seed: int, cache_dir=None) -> Split
         evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
         test = test.select(range(min(args.max_eval_samples, len(test)))) if test is not None else None
 
-    def undecoded(split):  # decode in the workers (corrupt -> clear error)
-        if split is not None and isinstance(split.features[image_column], datasets.Image):
-            return split.cast_column(image_column, datasets.Image(decode=False))
-        return split
-
-    train, evaluation, test = undecoded(train), undecoded(evaluation), undecoded(test)
+    train, evaluation = undecoded(train, image_column), undecoded(evaluation, image_column)
+    test = undecoded(test, image_column) if test is not None else None
     if len(train) == 0 or len(evaluation) == 0:
         parser.error("the training or evaluation set is empty")
     return Splits(train, evaluation, test, image_column, label_column, names, eval_split, test_split)

@@ -51,15 +51,15 @@ from .checkpointing import (
 from .data import (
     DATA_BOX_FORMATS,
     IMAGE_COLUMN_CANDIDATES,
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     MapImageDataset,
     add_teacher_attention,
     collate,
+    default_image_processor,
     load_images,
     make_stream_transform,
     normalize_pixels,
     one_line,
+    vit_image_processor_class,
 )
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
 from .model_card import hub_id, public_name
@@ -427,11 +427,7 @@ def image_processor_for(args, parser, config):
     scratch, MAE's ImageNet normalisation (averaged over channels for grayscale)."""
     from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
-    try:  # transformers 5.x: the torchvision-free processor (same fields, same saved format)
-        from transformers import ViTImageProcessorPil as ViTImageProcessor
-    except ImportError:
-        from transformers import ViTImageProcessor
-
+    ViTImageProcessor = vit_image_processor_class()
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     processor = None
     for flag in ("image_processor_name", "model_name_or_path"):
@@ -448,10 +444,7 @@ def image_processor_for(args, parser, config):
         except Exception as error:  # noqa: BLE001
             parser.error(f"--{flag} {source!r}: no image processor loads from it ({one_line(error)})")
     if processor is None:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        if config.num_channels == 1:
-            mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-        processor = ViTImageProcessor(image_mean=list(mean), image_std=list(std), size={"height": size, "width": size})
+        processor = default_image_processor(config)
     processor.size = {"height": size, "width": size}
 
     def per_channel(values):

@@ -7,7 +7,8 @@ From Python:
     linear_probe_accuracy(train_f, train_y, test_f, test_y)         # BN(affine=False) + Linear, SGD + cosine
     evaluate_features(train_f, train_y, test_f, test_y)             # both, with the main job's settings
 
-From the shell (columns `image`/`img` and `label`/`labels`; the data layout: `data.load_image_dataset`):
+From the shell (the data layout and the image / label columns found as in pretraining and finetuning:
+`data.load_image_dataset`, `data.image_column_of`, `data.label_column_of`):
 
     python training/linear_probe.py --model_name_or_path OUT --dataset_name DATA [--pooling cls] [--samples_per_class 10]
 
@@ -27,7 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import decode_image, load_image_dataset, one_line
+from .data import (
+    IMAGE_COLUMN_CANDIDATES,
+    LABEL_COLUMN_CANDIDATES,
+    decode_image,
+    image_column_of,
+    label_column_of,
+    load_image_dataset,
+    load_image_processor,
+    one_line,
+    pick_split,
+)
 
 # The main job's probe settings (the README's table), also `training/linear_probe.py`'s defaults.
 PROBE_EPOCHS = 30  # linear probe on all training labels
@@ -210,8 +221,10 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_dir", default=None, help="Image folder of the evaluation split (with --train_dir).")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="test")
-    parser.add_argument("--image_column_name", default=None)
-    parser.add_argument("--label_column_name", default=None)
+    parser.add_argument("--image_column_name", default=None,
+                        help=f"Detected among {IMAGE_COLUMN_CANDIDATES} when unset.")
+    parser.add_argument("--label_column_name", default=None,
+                        help=f"Detected (a ClassLabel column, else {LABEL_COLUMN_CANDIDATES}) when unset.")
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls")
     parser.add_argument("--samples_per_class", type=int, default=None, help="Few-shot probe with N labels per class.")
     parser.add_argument("--seeds", type=int, default=FEW_SHOT_DRAWS,
@@ -223,7 +236,7 @@ def main(argv=None) -> None:
                         help="Also probe the same architecture randomly initialised: the baseline a probe is read against.")
     args = parser.parse_args(argv)
 
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoModel
 
     import automae_hf  # noqa: F401  (registers the AutoMAE classes)
 
@@ -231,17 +244,13 @@ def main(argv=None) -> None:
         parser.error("--train_dir needs --eval_dir, the image folder of the evaluation split")
     data = load_image_dataset(parser, args.dataset_name, args.train_dir, args.eval_dir, args.train_split,
                               args.eval_split, args.dataset_config_name)
-    for split in (args.train_split, args.eval_split):
-        if split not in data:
-            parser.error(f"split {split!r} not in the data set's splits {list(data)} (--train_split / --eval_split)")
-    columns = data[args.train_split].column_names
-    image_column = args.image_column_name or next((c for c in ("image", "img") if c in columns), None)
-    label_column = args.label_column_name or next((c for c in ("label", "labels") if c in columns), None)
-    if image_column not in columns or label_column not in columns:
-        parser.error(f"need image and label columns; the data set has {columns}")
+    train = pick_split(parser, data, args.train_split, "--train_split")
+    pick_split(parser, data, args.eval_split, "--eval_split")
+    image_column = image_column_of(parser, train, args.image_column_name)
+    label_column = label_column_of(parser, train, args.label_column_name)
     try:
         encoders = {"encoder": AutoModel.from_pretrained(args.model_name_or_path)}
-        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        processor = load_image_processor(args.model_name_or_path, encoders["encoder"].config)
         if args.random_init:
             torch.manual_seed(0)
             encoders["random init"] = AutoModel.from_config(AutoConfig.from_pretrained(args.model_name_or_path))

