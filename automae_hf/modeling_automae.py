@@ -21,7 +21,13 @@ from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEAttention, ViTMAEDecoder, ViTMAEEmbeddings, ViTMAELayer
+from transformers.models.vit_mae.modeling_vit_mae import (
+    ViTMAEAttention,
+    ViTMAEDecoder,
+    ViTMAEEmbeddings,
+    ViTMAELayer,
+    build_2d_sinusoidal_position_embedding,
+)
 from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import capture_outputs
 
@@ -177,22 +183,12 @@ class AutoMAEDiscriminatorOutput(ModelOutput):
 # Student building blocks: transformers' ViTMAE blocks, plus what AutoMAE needs (no masking inside the encoder,
 # visible ids, the gamma gate, any rectangular grid)
 # --------------------------------------------------------------------------------------------------------------
-def sincos_position_embedding(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table, `[1 + h*w, dim]` (a zero row for CLS), laid out exactly as the released MAE
-    and transformers' ViTMAE weights: [sin/cos of the column | sin/cos of the row]. Unlike ViTMAE's own builder it
-    takes rectangular grids."""
-    if dim % 4:
-        raise ValueError(f"Sin-cos position embeddings need a hidden size divisible by 4, got {dim}")
-    rows, columns = grid_size
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    row, column = torch.meshgrid(
-        torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64), indexing="ij"
-    )
-    by_column, by_row = column.flatten().outer(omega), row.flatten().outer(omega)
-    table = torch.cat([by_column.sin(), by_column.cos(), by_row.sin(), by_row.cos()], dim=1)
-    if cls_token:
-        table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0)
-    return table.float()
+def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table, `[1 + h*w, dim]` (a zero row for CLS), on any (rows, columns) grid: transformers'
+    `build_2d_sinusoidal_position_embedding` ([row | column]) with its halves swapped to [column | row], the layout of
+    the released MAE weights, of ViTMAE's own tables and so of every saved checkpoint."""
+    table = build_2d_sinusoidal_position_embedding(*grid_size, embed_dim=dim, cls_token=True)
+    return table.roll(dim // 2, dims=-1)
 
 
 def interpolate_positions(table: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]):

@@ -85,6 +85,19 @@ def test_positional_tables_equal_the_mae_reference(grid):
     assert not model.vit.embeddings.position_embeddings.requires_grad
 
 
+@pytest.mark.parametrize("image_size", [28, (16, 24)])
+def test_positional_tables_are_transformers_sincos_table_as_vitmae_lays_it_out(image_size):
+    """Both tables are transformers' `build_2d_sinusoidal_position_embedding` with its [row | column] halves swapped,
+    as `ViTMAEEmbeddings.initialize_weights` does, bit for bit (checkpoints hold these tables), on rectangular grids."""
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    model = tiny_model(image_size)
+    rows, columns = model.config.grid_size
+    for table, dim in ((model.vit.embeddings.position_embeddings, 32), (model.decoder.decoder_pos_embed, 16)):
+        built = build_2d_sinusoidal_position_embedding(rows, columns, embed_dim=dim, cls_token=True)
+        assert torch.equal(table[0], torch.cat([built[:, dim // 2:], built[:, : dim // 2]], dim=1))
+
+
 # ---- the learned top-K is masked ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid", GRIDS)
 def test_topk_patches_masked_almost_always(grid):
