@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ import torch
 
 from automae_hf import AUTOMAE_PRESETS
 from conftest import (
+    ENV,
+    REPO_ROOT,
     TINY,
     common,
     load_weights,
@@ -159,18 +164,26 @@ def test_hf_example_flags_pretrained_teacher_and_a_push_without_teacher_or_local
     assert json.loads((pushed / "config.json").read_text())["teacher_name_or_path"] is None
 
 
+def preempted(args, kill: str, step: int):
+    """`training/pretrain.py ARGS` killed by SIGKILL at `kill` ("after_step" or "before_commit") of `step`, through
+    the loop's own hooks (tests/preempted_pretrain.py)."""
+    command = [sys.executable, str(REPO_ROOT / "tests" / "preempted_pretrain.py"), f"--kill_{kill}", str(step),
+               *map(str, args)]
+    return subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
 def test_killed_run_resumes_to_identical_weights(full_run, data_dir, tmp_path):
     full_out, _ = full_run
     args = common(data_dir / "clean", tmp_path, 6, "--checkpointing_steps", 2, "--dataloader_num_workers", 1,
                   "--image_log_steps", 3, "--norm_pix_loss")
     # 1. SIGKILL mid-run, right after step 3 (step_2 is the last complete checkpoint)
-    killed = run(args + ["--debug_kill_after_step", 3], check=False)
-    assert killed.returncode != 0
+    killed = preempted(args, "after_step", 3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
     # 2. resumed, then SIGKILLed while writing the step-4 checkpoint (after save_state, before the atomic rename)
-    killed = run(args + ["--resume_from_checkpoint", "latest", "--debug_kill_during_checkpoint", 4], check=False)
-    assert killed.returncode != 0
+    killed = preempted(args + ["--resume_from_checkpoint", "latest"], "before_commit", 4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = checkpoints / ".tmp-step_4"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_4", "step_2"]
     (partial / "model.safetensors").write_bytes(b"truncated")  # as if cut off mid-file
@@ -297,8 +310,8 @@ def test_activation_checkpointing_uses_the_current_api(data_dir, tmp_path, capsy
 
 @pytest.mark.slow  # a torch.compile: run with --runslow
 def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_dir, tmp_path, caplog):
-    """The HF examples' flags, in process: the same weights with recomputed blocks and a compiled step (the D step's
-    D and score head too), and only the newest N checkpoints kept."""
+    """The HF examples' flags, in process: the same weights with recomputed blocks and regionally compiled layers (the
+    D step's D and score head too), and only the newest N checkpoints kept."""
     import logging
 
     from automae_hf.training import pretraining
@@ -316,7 +329,9 @@ def test_gradient_checkpointing_torch_compile_and_checkpoints_total_limit(data_d
     worst = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
     assert worst < 1e-4, worst
     assert sorted(p.name for p in (tmp_path / "flagged" / "checkpoints").iterdir()) == ["step_2", "step_3"]
-    assert "torch.compile (aot_eager): the model's forward, AutoMAEDiscriminator, AutoMAEScoreHead" in caplog.text
+    # By region: the student's 2 encoder layers, the decoder's 1, the self teacher's none (it is the student)
+    assert ("torch.compile (aot_eager), by region: 3 layers (ViTMAELayer), AutoMAEDiscriminator, AutoMAEScoreHead"
+            in caplog.text)
 
 
 def test_noise_streams_are_independent_per_rank_and_reproducible():

@@ -10,7 +10,10 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
+CHECKPOINTS_FOLDER = "checkpoints"  # under the run's output_dir
+LATEST_CHECKPOINT = "latest"  # --resume_from_checkpoint's word for the newest complete checkpoint, in every script
 STEP_DIR = re.compile(r"^step_(\d+)$")
 RUN_ARGUMENTS_FILE = "run_args.json"  # {"fingerprint": sha256 hex, "arguments": {name: value}}
 
@@ -62,12 +65,12 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_commit: bool = False,
-                    total_limit: int | None = None, run_arguments: dict | None = None) -> Path:
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, total_limit: int | None = None,
+                    run_arguments: dict | None = None, before_commit: Callable[[], None] | None = None) -> Path:
     """`save_state` into a temporary folder, then an atomic rename to `step_N`: a run killed while saving leaves the
     previous checkpoint as `latest`. `total_limit` keeps only the newest N complete checkpoints (removed after the
-    new one is in place). `run_arguments` are saved beside the state (`run_args.json`). `kill_before_commit` (tests)
-    dies by SIGKILL between the write and the rename."""
+    new one is in place). `run_arguments` are saved beside the state (`run_args.json`). `before_commit` is called
+    between the write and the rename (tests: a job preempted mid-save)."""
     final = checkpoint_root / f"step_{step}"
     tmp = checkpoint_root / f".tmp-step_{step}"
     if accelerator.is_main_process:
@@ -78,10 +81,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, kill_before_c
     if run_arguments is not None and accelerator.is_main_process:
         write_run_arguments(tmp, run_arguments)
     accelerator.wait_for_everyone()
-    if kill_before_commit:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    if before_commit is not None:
+        before_commit()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)

@@ -30,7 +30,9 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ import torch
 from ..configuration_automae import MASKING_STRATEGIES as MASKING_CHOICES
 from ..teacher import looks_like_a_local_path
 from .checkpointing import (
+    CHECKPOINTS_FOLDER,
+    LATEST_CHECKPOINT,
     RUN_ARGUMENTS_FILE,
     TrainState,
     arguments_fingerprint,
@@ -72,11 +76,31 @@ logger = logging.getLogger("automae.pretrain")
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description="AutoMAE pretraining (learned masks from a frozen ViT teacher + adversarial box prior).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d = p.add_argument_group("data")
+    add_data_arguments(parser.add_argument_group("data"))
+    add_model_arguments(parser.add_argument_group("model"))
+    add_training_arguments(parser.add_argument_group("training"))
+    add_speed_arguments(parser.add_argument_group("speed"))
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--with_tracking", action="store_true", help="Log metrics through accelerate's trackers.")
+    logging_group.add_argument("--report_to", default="tensorboard",
+                               help="Tracker(s) for --with_tracking: tensorboard, wandb, all, ...")
+    logging_group.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N optimizer steps.")
+    logging_group.add_argument("--image_log_steps", type=int, default=0,
+                               help="Save a PNG grid every N steps (image, the strategy's guide: box patches / teacher "
+                                    "attention / mask probability, the mask, the reconstruction); 0: off.")
+    logging_group.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
+    add_hub_arguments(parser)
+    parser.add_argument("--push_teacher", action="store_true",
+                        help="With --push_to_hub: also upload the frozen teacher's weights (by default the pushed "
+                             "checkpoint names its teacher by Hub id and from_pretrained loads it from there).")
+    return parser
+
+
+def add_data_arguments(d) -> None:
     d.add_argument("--dataset_name", default=None,
                    help="A Hub data set id, a folder written by `save_to_disk` (e.g. the main job's "
                         "outputs/default/data), or an image-folder root with split sub-folders (train/, test/, each one "
@@ -101,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image_size", type=int, default=None, help="Training resolution (overrides the config's image_size).")
     d.add_argument("--cache_dir", default=None, help="Where downloaded data sets and models are cached.")
 
-    m = p.add_argument_group("model")
+
+def add_model_arguments(m) -> None:
     m.add_argument("--allow_any_model_type", action="store_true",
                    help="Start from a --model_name_or_path whose model type is not automae / vit_mae / vit (its "
                         "matching weights are used, the rest initialised).")
@@ -138,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "student's own last-layer CLS attention, without gradient. Unset: the checkpoint's teacher "
                         "(or 'self' when training from scratch).")
 
-    t = p.add_argument_group("training")
+
+def add_training_arguments(t) -> None:
     t.add_argument("--output_dir", required=True,
                    help="Where checkpoints, images, logs and the final model go. Must be empty (or absent) unless "
                         "--overwrite_output_dir or --resume_from_checkpoint is given.")
@@ -163,41 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Warm-up in optimizer steps (overrides epochs; needed with --streaming).")
     t.add_argument("--adam_beta1", type=float, default=0.9)
     t.add_argument("--adam_beta2", type=float, default=0.95)
-    t.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
-                   help="As TrainingArguments.optim: the fused kernels (default) or per-tensor AdamW (devices without "
-                   "fused Adam, e.g. XLA). D's Adam follows.")
     t.add_argument("--seed", type=int, default=0, help="Random seed (data order, augmentation, masks, init).")
     t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Mixed precision (default: whatever `accelerate launch` / its config says).")
     t.add_argument("--checkpoints_total_limit", type=int, default=None,
-                   help="Keep only the newest N checkpoints under output_dir/checkpoints (as the HF examples).")
-    t.add_argument("--activation_checkpointing", "--gradient_checkpointing", dest="gradient_checkpointing",
-                   action="store_true",
-                   help="Recompute the encoder and decoder blocks in the backward pass (less memory, more time).")
-    t.add_argument("--torch_compile", action="store_true",
-                   help="torch.compile the pretraining model (the student + score-head step compiles without a "
-                        "graph break).")
-    t.add_argument("--torch_compile_backend", default="inductor", help="Backend of --torch_compile.")
+                   help=f"Keep only the newest N checkpoints under output_dir/{CHECKPOINTS_FOLDER} (as the HF examples).")
     t.add_argument("--checkpointing_steps", default=None,
                    help="Save the full training state every N optimizer steps, or 'epoch'. A final state is always saved.")
     t.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint folder, or 'latest' for the newest complete one under output_dir/checkpoints.")
+                   help=f"A checkpoint folder, or '{LATEST_CHECKPOINT}' for the newest complete one under "
+                        f"output_dir/{CHECKPOINTS_FOLDER}.")
 
-    lg = p.add_argument_group("logging")
-    lg.add_argument("--with_tracking", action="store_true", help="Log metrics through accelerate's trackers.")
-    lg.add_argument("--report_to", default="tensorboard", help="Tracker(s) for --with_tracking: tensorboard, wandb, all, ...")
-    lg.add_argument("--logging_steps", type=int, default=1, help="Log metrics every N optimizer steps.")
-    lg.add_argument("--image_log_steps", type=int, default=0,
-                    help="Save a PNG grid every N steps (image, the strategy's guide: box patches / teacher attention / "
-                         "mask probability, the mask, the reconstruction); 0: off.")
-    add_hub_arguments(p)
-    p.add_argument("--push_teacher", action="store_true",
-                   help="With --push_to_hub: also upload the frozen teacher's weights (by default the pushed checkpoint "
-                        "names its teacher by Hub id and from_pretrained loads it from there).")
-    lg.add_argument("--debug_dump_weights", action="store_true", help=argparse.SUPPRESS)
-    lg.add_argument("--debug_kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
-    lg.add_argument("--debug_kill_during_checkpoint", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+
+def add_speed_arguments(s) -> None:
+    """Flags that change how fast the same weights come out, not which (`NOT_RUN_ARGUMENTS`)."""
+    s.add_argument("--optim", choices=("adamw_torch_fused", "adamw_torch"), default="adamw_torch_fused",
+                   help="As TrainingArguments.optim: the fused kernels (default) or per-tensor AdamW (devices without "
+                   "fused Adam, e.g. XLA). D's Adam follows.")
+    s.add_argument("--activation_checkpointing", "--gradient_checkpointing", dest="gradient_checkpointing",
+                   action="store_true",
+                   help="Recompute the encoder and decoder blocks in the backward pass (less memory, more time).")
+    s.add_argument("--torch_compile", action="store_true",
+                   help="Regional torch.compile: each transformer layer (student, decoder, teacher) compiled once and "
+                        "reused by its repeats, D and the score head on their own.")
+    s.add_argument("--torch_compile_backend", default="inductor", help="Backend of --torch_compile.")
+    s.add_argument("--no_cuda_graphs", action="store_true",
+                   help="On CUDA, D and the score head run as CUDA graphs (torch.compile 'reduce-overhead') unless "
+                        "this is given; --torch_compile compiles them instead.")
 
 
 def parse_overrides(text: str | None, parser: argparse.ArgumentParser) -> dict:
@@ -267,7 +285,7 @@ def _check_arguments(args, parser) -> None:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         parser.error(f"--output_dir {args.output_dir!r} is not empty: pass --overwrite_output_dir to empty it first, "
                      "or --resume_from_checkpoint latest to continue the run in it")
-    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
+    if args.overwrite_output_dir and args.resume_from_checkpoint == LATEST_CHECKPOINT:
         parser.error("--overwrite_output_dir empties the folder that --resume_from_checkpoint latest resumes from: "
                      "give one")
     if args.overwrite_output_dir and Path.cwd().resolve().is_relative_to(output_dir.resolve()):
@@ -513,7 +531,8 @@ def build_optimizers(args, model, effective_batch):
 def outside_the_student(model):
     """D and the frozen teacher leave the module tree while accelerate wraps the student, so DDP / FSDP / ZeRO never
     own, shard or sync them: the teacher stays whole on every rank, D averages its own gradients (`average_gradients`).
-    Yields the detached modules; they are back in place afterwards."""
+    Yields the detached modules; they are back in place afterwards. Kept because `accelerate.prepare` takes no list of
+    modules to leave out, for DDP, FSDP2 or ZeRO alike (tests/test_distributed.py: D syncs once, teacher whole)."""
     owners = [(model, "discriminator")]
     if model.mask_generator is not None:
         owners.append((model.mask_generator, "teacher"))
@@ -671,7 +690,8 @@ def run_summary(args, config, teacher_mode, completed, total_skipped, effective_
 @contextlib.contextmanager
 def plain_class(model):
     """FSDP2 gives the model a generated subclass; `save_pretrained` would copy torch's FSDP sources next to the
-    model's code. Saves under the model's own class (docs/pitfalls.md §23)."""
+    model's code. Saves under the model's own class (docs/pitfalls.md §23). Kept because torch offers no way to undo
+    `fully_shard`'s class swap (tests/test_distributed.py: no `_fsdp*.py` beside the FSDP run's model)."""
     from torch.distributed.fsdp import FSDPModule
 
     original = type(model)
@@ -724,7 +744,7 @@ NOT_RUN_ARGUMENTS = {
     "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing", "optim",
     "torch_compile", "torch_compile_backend", "with_tracking", "report_to", "logging_steps", "image_log_steps",
     "push_to_hub", "hub_model_id", "private", "revision", "hub_token", "dry_run", "push_teacher",
-    "debug_dump_weights", "debug_kill_after_step", "debug_kill_during_checkpoint",
+    "debug_dump_weights", "no_cuda_graphs",
 }
 RUN_LENGTH_ARGUMENTS = ("max_train_steps", "num_train_epochs")
 
@@ -766,8 +786,8 @@ def checkpoint_to_resume(args, parser, arguments: dict) -> Path | None:
     if not args.overwrite_output_dir and (output_dir / RUN_ARGUMENTS_FILE).is_file():
         refuse_another_runs_arguments(parser, read_run_arguments(output_dir), arguments,
                                       f"--output_dir {str(output_dir)!r}")
-    checkpoint_root = output_dir / "checkpoints"
-    path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == "latest"
+    checkpoint_root = output_dir / CHECKPOINTS_FOLDER
+    path = (latest_checkpoint(checkpoint_root) if args.resume_from_checkpoint == LATEST_CHECKPOINT
             else Path(args.resume_from_checkpoint))
     if path is None:
         logger.warning("--resume_from_checkpoint latest: no checkpoint under %s, starting fresh", checkpoint_root)
@@ -786,7 +806,7 @@ def prepare_output_dir(args, accelerator, arguments: dict) -> None:
         if args.overwrite_output_dir and output_dir.is_dir():
             shutil.rmtree(output_dir)
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
-        checkpoint_root = output_dir / "checkpoints"
+        checkpoint_root = output_dir / CHECKPOINTS_FOLDER
         for stale in checkpoint_root.glob(".tmp-step_*") if checkpoint_root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
         write_run_arguments(output_dir, arguments)
@@ -826,21 +846,143 @@ def save_run(args, accelerator, model, unwrapped, processor, completed: int, tot
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-def main(argv=None):
+@dataclass
+class TrainingHooks:
+    """Points of the loop where a caller acts, each given the optimizer step; tests die there like a preempted job."""
+
+    after_step: Callable[[int], None] | None = None  # after step N's log, picture and checkpoint
+    before_checkpoint_commit: Callable[[int], None] | None = None  # step N's state written, not yet renamed
+
+
+@dataclass
+class LoggingWindow:
+    """One logging window's sums: metrics summed on the device (no host sync until the window ends), images seen, and
+    host time per micro-batch (perf_counter only, no sync): waiting for the loader, inside `train_step` (the model; on
+    a GPU also waiting for a full launch queue) and the rest of the loop (logging, checkpoints included)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    micro_batches: int = 0
+    sums: dict = field(default_factory=dict)
+    host_ms: dict = field(default_factory=lambda: {"data_wait_ms": 0.0, "train_step_ms": 0.0})
+
+    def timed(self, batches):
+        """`batches`, counting the wait for each in `host_ms["data_wait_ms"]`."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            self.host_ms["data_wait_ms"] += 1000 * (time.perf_counter() - start)
+            if batch is None:
+                return
+            yield batch
+
+    def add(self, metrics: dict, images: int, step_seconds: float) -> None:
+        self.host_ms["train_step_ms"] += 1000 * step_seconds
+        self.images += images
+        for key, value in metrics.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.micro_batches += 1
+
+    def host_times(self) -> dict:
+        """Mean host milliseconds per micro-batch in each phase, this process's."""
+        elapsed_ms = 1000 * (time.perf_counter() - self.start)
+        times = {key: value / self.micro_batches for key, value in self.host_ms.items()}
+        return {**times, "loop_other_ms": (elapsed_ms - sum(self.host_ms.values())) / self.micro_batches}
+
+    def restart(self) -> None:
+        self.start, self.images, self.micro_batches, self.sums = time.perf_counter(), 0, 0, {}
+        self.host_ms = dict.fromkeys(self.host_ms, 0.0)
+
+
+@dataclass
+class PretrainingRun:
+    """What the loop reads and advances, built once by `set_up`. `model`: as prepared (DDP / FSDP); `unwrapped`:
+    the `AutoMAEForPreTraining` inside it; `discriminator`, `d_optimizer`, `d_scheduler`: None without a learned
+    mask. `state.completed_steps` counts optimizer steps."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    model: Any
+    unwrapped: Any
+    discriminator: Any
+    teacher_mode: str
+    train_dataset: Any
+    train_dataloader: Any
+    student_optimizer: Any
+    d_optimizer: Any
+    student_scheduler: Any
+    d_scheduler: Any
+    state: TrainState
+    max_train_steps: int
+    steps_per_epoch: int | None
+    arguments: dict
+    image_mean: list
+    image_std: list
+    hooks: TrainingHooks
+    noise_generator: torch.Generator
+    diagnostics_generator: torch.Generator
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    first_nonfinite_step: torch.Tensor
+    processor: Any  # saved with the model
+    box_column: str | None
+    effective_batch: int
+    learning_rate: float
+    cuda_graphs: bool = False  # D and the score head replay as CUDA graphs (`compile_for_speed`)
+    start_step: int = 0
+    micro_in_step: int = 0
+    local_skipped: int = 0  # this process's undecodable images not yet folded into `state.skipped_images`
+    last_saved: int | None = None
+    window: LoggingWindow = field(default_factory=LoggingWindow)
+    progress: Any = None
+    log_file: Any = None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.args.output_dir) / CHECKPOINTS_FOLDER
+
+    @property
+    def start_epoch(self) -> int:
+        return self.start_step // self.steps_per_epoch if self.steps_per_epoch else 0
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.max_train_steps / self.steps_per_epoch) if self.steps_per_epoch else 10**9
+
+
+def main(argv=None, hooks: TrainingHooks | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per file saved otherwise
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
     _check_arguments(args, parser)
+
+    run = set_up(args, parser, hooks or TrainingHooks())
+    from tqdm.auto import tqdm
+
+    run.progress = tqdm(total=run.max_train_steps, initial=run.start_step, desc="pretrain", dynamic_ncols=True,
+                        disable=not run.accelerator.is_local_main_process,
+                        mininterval=0.1 if sys.stderr.isatty() else 10)
+    run.log_file = open(Path(args.output_dir) / "train_log.jsonl", "a") if run.accelerator.is_main_process else None
+    run.model.train()
+    if run.discriminator is not None:
+        run.discriminator.train()
+    if run.start_step < run.max_train_steps:
+        for epoch in range(run.start_epoch, run.num_epochs):
+            if train_one_epoch(run, epoch):
+                break
+    run.progress.close()
+    finish(run)
+
+
+def set_up(args, parser, hooks: TrainingHooks) -> PretrainingRun:
+    """Accelerator, model and teacher, data, optimizers, schedules, the resumed state and the output folder."""
     import transformers
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
 
-    from automae_hf.configuration_automae import num_visible_patches
-    from automae_hf.masking import mask_entropy, mask_shape_statistics, mask_signal_statistics, sample_entropy
-
-    # ---- set-up: accelerator, model and teacher, data, optimizers, schedules, resume ----------------------------
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
@@ -867,250 +1009,279 @@ def main(argv=None):
         parser.error(f"the training set ({len(train_dataset)} images) is smaller than one batch per process "
                      f"({args.per_device_train_batch_size} x {accelerator.num_processes}): lower "
                      "--per_device_train_batch_size")
-    if args.torch_compile:  # after prepare: DDP and the optimizers see the original parameters
-        model = torch.compile(model, backend=args.torch_compile_backend)
-        # The D step runs outside the model's forward: D and the score head compile on their own (on a GPU their
-        # dozens of small ops, the spectral norms' power iterations included, become a few kernels).
-        compiled = [part for part in (discriminator, getattr(unwrapped.mask_generator, "score_head", None)) if part]
-        for part in compiled:
-            part.compile(backend=args.torch_compile_backend)
-        logger.info("torch.compile (%s): the model's forward, %s", args.torch_compile_backend,
-                    ", ".join(type(part).__name__ for part in compiled) or "nothing else")
-
-    if args.streaming:
-        steps_per_epoch, max_train_steps, num_epochs = None, args.max_train_steps, 10**9
-    else:
-        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-        max_train_steps = args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
-        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    cuda_graphs = compile_for_speed(args, unwrapped, accelerator.device)  # after prepare, in place
+    steps_per_epoch, max_train_steps = training_length(args, train_dataloader)
     warmup_steps = warmup_length(args, steps_per_epoch, max_train_steps)
     student_scheduler = make_schedule(args, student_optimizer, warmup_steps, max_train_steps)
     d_scheduler = make_schedule(args, d_optimizer, warmup_steps, max_train_steps) if d_optimizer is not None else None
-
-    # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a resumed
-    # run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did meanwhile.
-    noise_generator = torch.Generator(device=accelerator.device)
-    # The random masks the logged region size is compared with: drawn apart, so that logging changes no training draw.
-    diagnostics_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
-    pixel_mean, pixel_std = (torch.tensor(values, device=accelerator.device) for values in (mean, std))
-    state = TrainState()
-    accelerator.register_for_checkpointing(state, student_scheduler)
+    device = accelerator.device
+    run = PretrainingRun(
+        args=args, accelerator=accelerator, model=model, unwrapped=unwrapped, discriminator=discriminator,
+        teacher_mode=teacher_mode, train_dataset=train_dataset, train_dataloader=train_dataloader,
+        student_optimizer=student_optimizer, d_optimizer=d_optimizer, student_scheduler=student_scheduler,
+        d_scheduler=d_scheduler, state=TrainState(), max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
+        arguments=arguments, image_mean=mean, image_std=std, hooks=hooks,
+        # Mask / Gumbel / box-prior noise: reseeded from (seed, rank, micro-batch) before every micro-batch, so a
+        # resumed run draws exactly what the uninterrupted one drew, on every rank, whatever the global RNG did.
+        noise_generator=torch.Generator(device=device),
+        # The random masks the logged region size is compared with: drawn apart, so logging changes no training draw.
+        diagnostics_generator=torch.Generator(device=device).manual_seed(args.seed),
+        pixel_mean=torch.tensor(mean, device=device), pixel_std=torch.tensor(std, device=device),
+        first_nonfinite_step=torch.zeros((), dtype=torch.int64, device=device), processor=processor,
+        box_column=box_column, effective_batch=effective_batch, learning_rate=lr, cuda_graphs=cuda_graphs)
+    accelerator.register_for_checkpointing(run.state, student_scheduler)
     if d_scheduler is not None:
         accelerator.register_for_checkpointing(d_scheduler, d_optimizer)
-    checkpoint_root = output_dir / "checkpoints"
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        if state.completed_steps > max_train_steps:
-            parser.error(f"--resume_from_checkpoint: {str(resume_path)!r} is at step {state.completed_steps}, past the "
-                         f"{max_train_steps} steps asked for (--max_train_steps / --num_train_epochs)")
+        if run.state.completed_steps > max_train_steps:
+            parser.error(f"--resume_from_checkpoint: {str(resume_path)!r} is at step {run.state.completed_steps}, "
+                         f"past the {max_train_steps} steps asked for (--max_train_steps / --num_train_epochs)")
+    run.start_step = run.state.completed_steps
     prepare_output_dir(args, accelerator, arguments)
     if accelerator.is_main_process and args.resume_from_checkpoint:  # step 0 when no checkpoint was found
-        keep_log_until(output_dir / "train_log.jsonl", state.completed_steps)
+        keep_log_until(Path(args.output_dir) / "train_log.jsonl", run.start_step)
     if args.with_tracking:
         accelerator.init_trackers("automae_pretrain", {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                        for k, v in vars(args).items() if k != "hub_token"})
-    start_step = state.completed_steps
-    start_epoch = start_step // steps_per_epoch if steps_per_epoch else 0
-    skip_batches = (start_step % steps_per_epoch) * args.gradient_accumulation_steps if steps_per_epoch else 0
     teacher_name = {"none": "none", "self": "self (the student's own attention)"}.get(
         teacher_mode, args.teacher_name_or_path or config.teacher_name_or_path or "the checkpoint's")
     logger.info("AutoMAE pretraining: masking=%s, teacher=%s, %d examples/epoch, %d steps, lr %.3g (effective batch "
                 "%d), %d processes", config.masking, teacher_name, len(train_dataset) if not args.streaming else -1,
                 max_train_steps, lr, effective_batch, accelerator.num_processes)
+    return run
 
-    # ---- the iteration: teacher attention once -> D step -> student + score-head step (docs/method.md §3) -------
-    def discriminator_step(attention):
-        """Real and fake through D in one call; a float32 loss, unscaled; gradients averaged over processes once per
-        optimizer step."""
-        with student_parameters_gathered(unwrapped, every_unit=False):  # the score head draws the fake masks
-            output = unwrapped.discriminator_loss(teacher_attention=attention, generator=noise_generator)
-        (output.loss / args.gradient_accumulation_steps).backward()
-        if accelerator.sync_gradients:
-            average_gradients(discriminator.parameters(), accelerator)
-            d_optimizer.step()
-            d_optimizer.zero_grad(set_to_none=True)
-        # Mean raw scores beside the accuracies: a least-squares D aims at 1 (real) and 0 (generated), and both
-        # accuracies at 0.5 also read "everything scored low" (docs/method.md §5).
-        return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
-                    d_fake_accuracy=output.fake_accuracy, d_real_score=output.real_scores.mean(),
-                    d_fake_score=output.fake_scores.mean())
 
-    def train_step(batch, diagnose: bool):
-        """-> (output, metrics summed over the logging window, diagnostics of this micro-batch when `diagnose`)."""
-        pixel_values = batch["pixel_values"]
-        metrics = {}
-        with accelerator.accumulate(model):
-            attention = None
-            if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
-                attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
-            elif teacher_mode != "none":
-                with accelerator.autocast(), student_parameters_gathered(unwrapped):
-                    attention = unwrapped.teacher_attention(pixel_values)
-            if discriminator is not None:
-                metrics.update(discriminator_step(attention))
-            boxes = batch.get("boxes") if config.masking == "box_prior" else None
-            box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
-            output = model(pixel_values, teacher_attention=attention, generator=noise_generator, **box_kwargs)
-            accelerator.backward(output.loss)
-            student_optimizer.step()
-            student_optimizer.zero_grad(set_to_none=True)
-        metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
-        if output.generator_loss is not None:
-            metrics["generator_loss"] = output.generator_loss.detach()
-        diagnostics = {}  # dozens of small ops: only on the micro-batch that ends a logging window
-        if diagnose:  # how compact the masked set is, against random masks of the same count
-            grid = tuple(attention.shape[-2:]) if attention is not None else config.grid_size
-            diagnostics.update(mask_shape_statistics(output.mask.detach(), grid, diagnostics_generator))
-        if diagnose and output.mask_logits is not None:  # p itself, and the Gumbel sample that picked the top-K
-            diagnostics["mask_entropy"] = mask_entropy(output.mask_logits.detach())
-            diagnostics["gumbel_sample_entropy"] = sample_entropy(output.mask_probs.detach())
-        if diagnose and output.mask_logits is not None and attention is not None:  # how much the scores decide
-            num_visible = num_visible_patches(output.mask.shape[1], config.mask_ratio)
-            diagnostics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
-                                                      config.gumbel_noise_scale))
-        return output, metrics, diagnostics
+def training_length(args, train_dataloader) -> tuple[int | None, int]:
+    """-> (optimizer steps per epoch, None when streaming; the run's optimizer steps)."""
+    if args.streaming:
+        return None, args.max_train_steps
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    return steps_per_epoch, args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
 
-    from tqdm.auto import tqdm
 
-    progress = tqdm(total=max_train_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc="pretrain", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
-    log_file = open(output_dir / "train_log.jsonl", "a") if accelerator.is_main_process else None
-    model.train()
-    if discriminator is not None:
-        discriminator.train()
-    completed, micro_in_step, last_saved = start_step, 0, None
-    # This process's undecodable images not yet folded into the all-process total `state.skipped_images`.
-    local_skipped = 0
-    first_nonfinite_step = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+def compile_for_speed(args, model, device: torch.device) -> bool:
+    """In place, so state-dict keys, DDP and the optimizers keep the original parameters. -> whether D and the score
+    head run as CUDA graphs.
 
-    def settle_before_saving():
-        """No non-finite weights saved; the skip count summed over processes, as every rank reloads rank 0's copy."""
-        nonlocal local_skipped
-        raise_on_nonfinite(accelerator, first_nonfinite_step, unwrapped)
-        skipped = accelerator.reduce(torch.tensor([local_skipped], device=accelerator.device), reduction="sum")
-        state.skipped_images += int(skipped[0])
-        local_skipped = 0
-    window_images, window_start, sums, sum_count = 0, time.perf_counter(), {}, 0
-    # Host time per micro-batch, logged: waiting for the loader, inside train_step (the model; on a GPU also waiting
-    # for a full launch queue) and the rest of the loop (logging, checkpoints included). perf_counter only: no sync.
-    host_ms = {"data_wait_ms": 0.0, "train_step_ms": 0.0}
+    --torch_compile: regional compilation, each transformer layer (transformers' `GradientCheckpointingLayer`) compiled
+    once and its code reused by the others (seconds where a whole-model graph takes a minute), and D and the score head on their own (the D step runs
+    outside the model's forward). Otherwise, on CUDA unless --no_cuda_graphs: D and the score head alone, as CUDA
+    graphs (torch.compile's "reduce-overhead"): their few hundred small kernels replayed in a few launches."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    def timed(batches):
-        iterator = iter(batches)
-        while True:
-            start = time.perf_counter()
-            batch = next(iterator, None)
-            host_ms["data_wait_ms"] += 1000 * (time.perf_counter() - start)
-            if batch is None:
-                return
-            yield batch
+    score_head = getattr(model.mask_generator, "score_head", None)
+    small_parts = [part for part in (model.discriminator, score_head) if part is not None]
+    names = ", ".join(type(part).__name__ for part in small_parts) or "nothing else"
+    if args.torch_compile:
+        layers = [layer for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer)]
+        for part in layers + small_parts:
+            part.compile(backend=args.torch_compile_backend)
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers})) or "none"
+        logger.info("torch.compile (%s), by region: %d layers (%s), %s", args.torch_compile_backend, len(layers),
+                    kinds, names)
+        return False
+    if device.type != "cuda" or args.no_cuda_graphs or not small_parts:
+        return False
+    for part in small_parts:
+        part.compile(mode="reduce-overhead")
+    logger.info("CUDA graphs (torch.compile reduce-overhead): %s; --no_cuda_graphs turns them off", names)
+    return True
 
-    done, epoch = completed >= max_train_steps, start_epoch
-    while not done and epoch < num_epochs:
-        for owner in (train_dataset, train_dataloader):
-            if hasattr(owner, "set_epoch"):
-                owner.set_epoch(epoch)
-        loader = train_dataloader
-        if epoch == start_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for batch in timed(loader):
-            local_skipped += int(batch["skipped"])
-            if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
-                continue
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], pixel_mean, pixel_std)
-            if teacher_mode == "teacher" and completed == start_step and micro_in_step == 0 and accelerator.is_main_process:
-                log_teacher_input(unwrapped.mask_generator, batch["pixel_values"])
-            micro_index = completed * args.gradient_accumulation_steps + micro_in_step
-            noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
-            step_start = time.perf_counter()
-            ends_step = (micro_in_step == args.gradient_accumulation_steps - 1
-                         or accelerator.gradient_state.end_of_dataloader)
-            ends_window = ends_step and (
-                (completed + 1) % args.logging_steps == 0 or completed + 1 == max_train_steps)
-            output, metrics, diagnostics = train_step(batch, diagnose=ends_window)
-            host_ms["train_step_ms"] += 1000 * (time.perf_counter() - step_start)
-            first_nonfinite_step = note_nonfinite_loss(first_nonfinite_step, metrics, completed + 1)
-            window_images += batch["pixel_values"].shape[0]
-            for key, value in metrics.items():  # summed on the device: no host sync outside logging steps
-                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-                sums[key] = sums[key] + value if key in sums else value
-            sum_count += 1
-            micro_in_step += 1
-            if not accelerator.sync_gradients:
-                continue
-            micro_in_step = 0
-            student_scheduler.step()
-            if d_scheduler is not None:
-                d_scheduler.step()
-            completed += 1
-            state.completed_steps = completed
-            progress.update(1)
 
-            if completed % args.logging_steps == 0 or completed == max_train_steps:
-                raise_on_nonfinite(accelerator, first_nonfinite_step)
-                means, diagnostic_means, (images, skipped) = window_over_processes(
-                    accelerator, sums, sum_count, diagnostics, [window_images, local_skipped])
-                state.skipped_images, local_skipped = state.skipped_images + int(skipped), 0
-                elapsed = time.perf_counter() - window_start
-                log = {**means, **diagnostic_means}
-                log.update({key: value / sum_count for key, value in host_ms.items()},  # host times: this process's
-                           loop_other_ms=(1000 * elapsed - sum(host_ms.values())) / sum_count)
-                log.update(lr=student_scheduler.get_last_lr()[0], images_per_second=images / max(elapsed, 1e-9),
-                           skipped_images=state.skipped_images, epoch=epoch, step=completed)
-                progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
-                                      if k in ("loss", "d_loss", "images_per_second", "skipped_images")}, refresh=False)
-                if args.with_tracking:
-                    accelerator.log(log, step=completed)
-                if log_file is not None:
-                    log_file.write(json.dumps(log) + "\n")
-                    log_file.flush()
-                sums, sum_count, window_images, window_start = {}, 0, 0, time.perf_counter()
-                host_ms = dict.fromkeys(host_ms, 0.0)
-            if args.image_log_steps and completed % args.image_log_steps == 0 and (
-                    accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
-                # Under FSDP every rank takes part in the forward's all-gathers; the main one writes.
-                with student_parameters_gathered(unwrapped):
-                    save_image_grid(output_dir / "images" / f"step_{completed:07d}.png" if accelerator.is_main_process
-                                    else None, unwrapped, batch["pixel_values"], output, mean, std,
-                                    boxes=batch.get("boxes"))
-            if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
-                    and completed < max_train_steps):
-                settle_before_saving()
-                save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
-                                kill_before_commit=args.debug_kill_during_checkpoint == completed,
-                                run_arguments=arguments)
-                last_saved = completed
-            if args.debug_kill_after_step is not None and completed >= args.debug_kill_after_step:
-                import signal  # tests: die like a preempted job (SIGKILL, no cleanup)
+def train_one_epoch(run: PretrainingRun, epoch: int) -> bool:
+    """One pass over the loader (the resumed epoch from the checkpoint's batch on) -> whether the run is complete."""
+    args, accelerator = run.args, run.accelerator
+    for owner in (run.train_dataset, run.train_dataloader):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+    loader = run.train_dataloader
+    skip_batches = (run.start_step % run.steps_per_epoch) * args.gradient_accumulation_steps if run.steps_per_epoch else 0
+    if epoch == run.start_epoch and skip_batches:
+        loader = accelerator.skip_first_batches(run.train_dataloader, skip_batches)
+    for batch in run.window.timed(loader):
+        run.local_skipped += int(batch["skipped"])
+        if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
+            continue
+        batch["pixel_values"] = normalize_pixels(batch["pixel_values"], run.pixel_mean, run.pixel_std)
+        completed = run.state.completed_steps
+        if (run.teacher_mode == "teacher" and completed == run.start_step and run.micro_in_step == 0
+                and accelerator.is_main_process):
+            log_teacher_input(run.unwrapped.mask_generator, batch["pixel_values"])
+        micro_index = completed * args.gradient_accumulation_steps + run.micro_in_step
+        run.noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
+        ends_step = (run.micro_in_step == args.gradient_accumulation_steps - 1
+                     or accelerator.gradient_state.end_of_dataloader)
+        ends_window = ends_step and ((completed + 1) % args.logging_steps == 0 or completed + 1 == run.max_train_steps)
+        step_start = time.perf_counter()
+        output, metrics, diagnostics = train_step(run, batch, diagnose=ends_window)
+        run.window.add(metrics, batch["pixel_values"].shape[0], time.perf_counter() - step_start)
+        run.first_nonfinite_step = note_nonfinite_loss(run.first_nonfinite_step, metrics, completed + 1)
+        run.micro_in_step += 1
+        if not accelerator.sync_gradients:
+            continue
+        end_optimizer_step(run, epoch, batch, output, diagnostics)
+        if run.state.completed_steps >= run.max_train_steps:
+            return True
+    if args.checkpointing_steps == "epoch":
+        save_training_state(run)
+    return False
 
-                os.kill(os.getpid(), signal.SIGKILL)
-            if completed >= max_train_steps:
-                done = True
-                break
-        if args.checkpointing_steps == "epoch" and not done:
-            settle_before_saving()
-            save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
-                            run_arguments=arguments)
-            last_saved = completed
-        epoch += 1
-    progress.close()
 
-    # ---- the end: last checkpoint, the model folder, the summary, the push -------------------------------------
-    settle_before_saving()
-    if last_saved != completed:
-        save_checkpoint(accelerator, checkpoint_root, completed, total_limit=args.checkpoints_total_limit,
-                        run_arguments=arguments)
+def train_step(run: PretrainingRun, batch: dict, diagnose: bool):
+    """Teacher attention once (no grad) -> D step -> student + score-head step (docs/method.md §3).
+    -> (output, metrics to sum over the logging window, diagnostics of this micro-batch when `diagnose`)."""
+    accelerator, unwrapped, config = run.accelerator, run.unwrapped, run.unwrapped.config
+    pixel_values = batch["pixel_values"]
+    metrics = {}
+    if run.cuda_graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+    with accelerator.accumulate(run.model):
+        attention = None
+        if "teacher_attention" in batch:  # cached once, cropped and flipped with the image
+            attention = batch["teacher_attention"].to(pixel_values.device, torch.float32)
+        elif run.teacher_mode != "none":
+            with accelerator.autocast(), student_parameters_gathered(unwrapped):
+                attention = unwrapped.teacher_attention(pixel_values)
+        if run.discriminator is not None:
+            metrics.update(discriminator_step(run, attention))
+        boxes = batch.get("boxes") if config.masking == "box_prior" else None
+        box_kwargs = {"boxes": boxes, "box_format": "xyxy"} if boxes is not None else {}
+        output = run.model(pixel_values, teacher_attention=attention, generator=run.noise_generator, **box_kwargs)
+        accelerator.backward(output.loss)
+        run.student_optimizer.step()
+        run.student_optimizer.zero_grad(set_to_none=True)
+    metrics.update(loss=output.loss.detach(), reconstruction_loss=output.reconstruction_loss.detach())
+    if output.generator_loss is not None:
+        metrics["generator_loss"] = output.generator_loss.detach()
+    diagnostics = mask_diagnostics(run, output, attention) if diagnose else {}
+    return output, metrics, diagnostics
+
+
+def discriminator_step(run: PretrainingRun, attention: torch.Tensor) -> dict:
+    """Real and fake masks through D in one call; a float32 loss, unscaled; D's gradients averaged over the processes
+    once per optimizer step. -> D's metrics of this micro-batch, on the device."""
+    unwrapped = run.unwrapped
+    with student_parameters_gathered(unwrapped, every_unit=False):  # the score head draws the fake masks
+        output = unwrapped.discriminator_loss(teacher_attention=attention, generator=run.noise_generator)
+    (output.loss / run.args.gradient_accumulation_steps).backward()
+    if run.accelerator.sync_gradients:
+        average_gradients(run.discriminator.parameters(), run.accelerator)
+        run.d_optimizer.step()
+        run.d_optimizer.zero_grad(set_to_none=True)
+    # Mean raw scores beside the accuracies: a least-squares D aims at 1 (real) and 0 (generated), and both
+    # accuracies at 0.5 also read "everything scored low" (docs/method.md §5).
+    return dict(d_loss=output.loss.detach(), d_real_accuracy=output.real_accuracy,
+                d_fake_accuracy=output.fake_accuracy, d_real_score=output.real_scores.mean(),
+                d_fake_score=output.fake_scores.mean())
+
+
+def mask_diagnostics(run: PretrainingRun, output, attention: torch.Tensor | None) -> dict:
+    """Dozens of small ops, so only on the micro-batch that ends a logging window: how compact the masked set is
+    against random masks of the same count, the entropy of p and of the Gumbel sample that picked the top-K, and how
+    much the scores decide."""
+    from automae_hf.configuration_automae import num_visible_patches
+    from automae_hf.masking import mask_entropy, mask_shape_statistics, mask_signal_statistics, sample_entropy
+
+    config = run.unwrapped.config
+    grid = tuple(attention.shape[-2:]) if attention is not None else config.grid_size
+    diagnostics = dict(mask_shape_statistics(output.mask.detach(), grid, run.diagnostics_generator))
+    if output.mask_logits is not None:
+        diagnostics["mask_entropy"] = mask_entropy(output.mask_logits.detach())
+        diagnostics["gumbel_sample_entropy"] = sample_entropy(output.mask_probs.detach())
+    if output.mask_logits is not None and attention is not None:
+        num_visible = num_visible_patches(output.mask.shape[1], config.mask_ratio)
+        diagnostics.update(mask_signal_statistics(output.mask_logits, output.mask_probs, attention, num_visible,
+                                                  config.gumbel_noise_scale))
+    return diagnostics
+
+
+def end_optimizer_step(run: PretrainingRun, epoch: int, batch: dict, output, diagnostics: dict) -> None:
+    """After the micro-batch that completes an optimizer step: schedules, the log, a picture, a checkpoint, hooks."""
+    from accelerate.utils import DistributedType
+
+    args, accelerator = run.args, run.accelerator
+    run.micro_in_step = 0
+    run.student_scheduler.step()
+    if run.d_scheduler is not None:
+        run.d_scheduler.step()
+    run.state.completed_steps += 1
+    completed = run.state.completed_steps
+    run.progress.update(1)
+    if completed % args.logging_steps == 0 or completed == run.max_train_steps:
+        write_log(run, epoch, diagnostics)
+    if args.image_log_steps and completed % args.image_log_steps == 0 and (
+            accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP):
+        # Under FSDP every rank takes part in the forward's all-gathers; the main one writes.
+        with student_parameters_gathered(run.unwrapped):
+            picture = Path(args.output_dir) / "images" / f"step_{completed:07d}.png"
+            save_image_grid(picture if accelerator.is_main_process else None, run.unwrapped, batch["pixel_values"],
+                            output, run.image_mean, run.image_std, boxes=batch.get("boxes"))
+    if (args.checkpointing_steps not in (None, "epoch") and completed % int(args.checkpointing_steps) == 0
+            and completed < run.max_train_steps):
+        save_training_state(run)
+    if run.hooks.after_step is not None:
+        run.hooks.after_step(completed)
+
+
+def write_log(run: PretrainingRun, epoch: int, diagnostics: dict) -> None:
+    """The logging window's means over all processes: to train_log.jsonl, the trackers and the progress bar."""
+    accelerator, state, window = run.accelerator, run.state, run.window
+    raise_on_nonfinite(accelerator, run.first_nonfinite_step)
+    means, diagnostic_means, (images, skipped) = window_over_processes(
+        accelerator, window.sums, window.micro_batches, diagnostics, [window.images, run.local_skipped])
+    state.skipped_images, run.local_skipped = state.skipped_images + int(skipped), 0
+    elapsed = time.perf_counter() - window.start
+    log = {**means, **diagnostic_means, **window.host_times()}  # host times: this process's
+    log.update(lr=run.student_scheduler.get_last_lr()[0], images_per_second=images / max(elapsed, 1e-9),
+               skipped_images=state.skipped_images, epoch=epoch, step=state.completed_steps)
+    run.progress.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()
+                              if k in ("loss", "d_loss", "images_per_second", "skipped_images")}, refresh=False)
+    if run.args.with_tracking:
+        accelerator.log(log, step=state.completed_steps)
+    if run.log_file is not None:
+        run.log_file.write(json.dumps(log) + "\n")
+        run.log_file.flush()
+    window.restart()
+
+
+def settle_before_saving(run: PretrainingRun) -> None:
+    """No non-finite weights saved; the skip count summed over the processes, as every rank reloads rank 0's copy."""
+    accelerator = run.accelerator
+    raise_on_nonfinite(accelerator, run.first_nonfinite_step, run.unwrapped)
+    skipped = accelerator.reduce(torch.tensor([run.local_skipped], device=accelerator.device), reduction="sum")
+    run.state.skipped_images += int(skipped[0])
+    run.local_skipped = 0
+
+
+def save_training_state(run: PretrainingRun) -> None:
+    """A checkpoint of this step (`checkpointing.save_checkpoint`), once `settle_before_saving` passed."""
+    settle_before_saving(run)
+    step, commit_hook = run.state.completed_steps, run.hooks.before_checkpoint_commit
+    save_checkpoint(run.accelerator, run.checkpoint_root, step, total_limit=run.args.checkpoints_total_limit,
+                    run_arguments=run.arguments,
+                    before_commit=(lambda: commit_hook(step)) if commit_hook is not None else None)
+    run.last_saved = step
+
+
+def finish(run: PretrainingRun) -> None:
+    """The last checkpoint, the model folder, the summary, the push."""
+    args, accelerator, completed = run.args, run.accelerator, run.state.completed_steps
+    if run.last_saved != completed:
+        save_training_state(run)
+    else:
+        settle_before_saving(run)
     accelerator.wait_for_everyone()
-    summary = run_summary(args, config, teacher_mode, completed, state.skipped_images, effective_batch, lr, box_column)
-    summary["run_fingerprint"] = arguments_fingerprint(arguments)
-    save_run(args, accelerator, model, unwrapped, processor, completed, state.skipped_images, summary)
-    if log_file is not None:
-        log_file.close()
+    summary = run_summary(args, run.unwrapped.config, run.teacher_mode, completed, run.state.skipped_images,
+                          run.effective_batch, run.learning_rate, run.box_column)
+    summary["run_fingerprint"] = arguments_fingerprint(run.arguments)
+    save_run(args, accelerator, run.model, run.unwrapped, run.processor, completed, run.state.skipped_images, summary)
+    if run.log_file is not None:
+        run.log_file.close()
     if args.with_tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-
 
 if __name__ == "__main__":
     main()
