@@ -1178,20 +1178,26 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
                     raise ValueError("discriminator_loss needs pixel_values or teacher_attention")
                 teacher_attention = self.teacher_attention(pixel_values)
             mask_logits = self.mask_generator.scores(teacher_attention)
-            fake = gumbel_softmax_sample(
+            sample = gumbel_softmax_sample(
                 mask_logits, self.config.gumbel_tau, gumbel_noise, generator, self.config.gumbel_noise_scale
             )
+            fake = self.judged_maps(sample, mask_logits)
             grid = tuple(teacher_attention.shape[-2:])
             real = sample_box_prior(fake.shape[0], grid, self.config.box_prior_alpha, generator, fake.device)
-        scores = (discriminator or self.discriminator)(torch.cat([real, fake]), grid_size=grid)
-        real_scores, fake_scores = scores[: len(real)], scores[len(real) :]
-        loss = ((real_scores - 1) ** 2).mean() + (fake_scores**2).mean()
+        scores = (discriminator or self.discriminator)(torch.cat([real, fake]), grid_size=grid).view(2, -1)
+        # Row 0 real (target 1), row 1 fake (target 0): both halves at once, in a third of the small ops of two
+        # slices (on a GPU each is a kernel launch); the same sums, bit for bit.
+        targets = torch.tensor([[1.0], [0.0]], device=scores.device)
+        loss = ((scores - targets) ** 2).mean(1).sum()
+        scores = scores.detach()
+        # x > 0.5 for real, x < 0.5 for fake, as one comparison: x - 0.5 is exact near 0.5, so its sign decides.
+        correct = ((scores - 0.5) * (2 * targets - 1) > 0).float().mean(1)
         return AutoMAEDiscriminatorOutput(
             loss=loss,
-            real_scores=real_scores.detach(),
-            fake_scores=fake_scores.detach(),
-            real_accuracy=(real_scores.detach() > 0.5).float().mean(),
-            fake_accuracy=(fake_scores.detach() < 0.5).float().mean(),
+            real_scores=scores[0],
+            fake_scores=scores[1],
+            real_accuracy=correct[0],
+            fake_accuracy=correct[1],
         )
 
 
