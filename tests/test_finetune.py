@@ -144,7 +144,7 @@ def test_every_old_flag_is_still_accepted_and_means_the_same():
 
 def test_defaults_and_trainer_flags():
     _, _, _, args = finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o", "--report_to", "none",
-                                              "--activation_checkpointing", "--resume_from_checkpoint", "last",
+                                              "--activation_checkpointing", "--resume_from_checkpoint", "latest",
                                               "--hub_strategy", "end", "--optim", "adamw_torch"])
     assert (args.learning_rate, args.weight_decay, args.num_train_epochs, args.per_device_train_batch_size) == \
         (1e-3, 0.05, 10.0, 64)
@@ -152,7 +152,7 @@ def test_defaults_and_trainer_flags():
         ("cosine", "epoch", "epoch", True)
     assert (args.metric_for_best_model, args.greater_is_better, args.remove_unused_columns, args.layer_decay) == \
         ("accuracy", True, False, 0.75)
-    assert args.report_to == [] and args.activation_checkpointing and args.resume_from_checkpoint == "last"
+    assert args.report_to == [] and args.activation_checkpointing and args.resume_from_checkpoint == "latest"
     assert (args.hub_strategy, args.optim) == ("end", "adamw_torch")
     assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)  # workers outlive tiny epochs
     assert finetune.parse_arguments(["--model_name_or_path", "m", "--output_dir", "o"])[3].optim == "adamw_torch_fused"
@@ -269,8 +269,9 @@ def test_optimizers_without_layer_decay_groups_are_refused_before_training(encod
 
 
 def test_checkpoints_are_restored_whole(tmp_path):
-    """The best checkpoint / a resumed one is read with the model's key renamings: the saved block weights are named
-    `attention.attention.query` ..., the live ones `attention.q_proj` ..., which a raw load_state_dict skips."""
+    """The Trainer's own restore (the best checkpoint, a resumed one) reads every weight back: the saved block weights
+    are named `attention.attention.query` ..., the live ones `attention.q_proj` ..., and the model's `load_state_dict`
+    takes both."""
     from automae_hf import AutoMAEForImageClassification
 
     torch.manual_seed(0)
@@ -413,7 +414,7 @@ def test_resuming_gives_the_uninterrupted_weights(encoders, data, tmp_path):
              "steps", "--save_steps", 2, "--seed", 3]
     run(encoders["automae"], data["full"], tmp_path / "whole", *flags)
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    run(encoders["automae"], data["full"], tmp_path / "resumed", *flags, "--resume_from_checkpoint", "last")
+    run(encoders["automae"], data["full"], tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
     whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 

@@ -8,7 +8,7 @@ Hugging Face `Trainer`, on `HfArgumentParser` + `TrainingArguments` like transfo
     python training/finetune.py ... --train_dir images/train --validation_dir images/val      # imagefolder
     python training/finetune.py ... --train_samples_per_class 10                              # few-shot
     python training/finetune.py ... --push_to_hub --hub_model_id org/automae-cls [--hub_private_repo --hub_revision v1]
-    python training/finetune.py ... --resume_from_checkpoint last                             # or a checkpoint folder
+    python training/finetune.py ... --resume_from_checkpoint latest                           # or a checkpoint folder
     python training/finetune.py args.json                                                     # every flag from a file
 
 Every `TrainingArguments` flag works (`--report_to`, `--activation_checkpointing`, `--torch_compile`, `--fsdp`,
@@ -466,47 +466,16 @@ def check_optimizer(args: FinetuningArguments, model, parser) -> None:
         parser.error(f"--optim {optim} builds its own parameter groups: use it with --layer_decay 1")
 
 
-def load_saved_weights(model, folder) -> None:
-    """Copies the weights `save_pretrained` wrote to `folder` into `model`, reading them as `from_pretrained` does.
-
-    Why: AutoMAE blocks are `attention.q_proj` ... `mlp.fc2` at run time and `attention.attention.query` ...
-    `output.dense` on disk (a renaming registered for the model type, applied by `from_pretrained` only). The
-    Trainer restores checkpoints (`--resume_from_checkpoint`, `load_best_model_at_end`) with a raw
-    `load_state_dict(strict=False)`, which would silently skip every renamed block weight."""
-    loaded = type(model).from_pretrained(str(folder), dtype=model.dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-
-
 class FinetuningTrainer(Trainer):
     """`Trainer` whose optimizer has one parameter group per (layer, decay / no decay) with the layer-decayed lr.
 
     The optimizer is still created by the Trainer (`create_optimizer`, at the moment it chooses: after FSDP /
     DeepSpeed wrapping), with the class and keyword arguments of `--optim` (fused AdamW by default); the lr schedule
-    scales every group's lr alike. Checkpoints (resuming, the best one at the end) are read back with the model's
-    key renamings (`load_saved_weights`). `create_model_card` writes this project's card (`model_card.write_card`)
-    instead of the Trainer's, so `push_to_hub` uploads it."""
+    scales every group's lr alike. Checkpoints (resuming, the best one at the end) are restored by the Trainer's own
+    `load_state_dict`, which AutoMAE models read under their saved key names too. `create_model_card` writes this
+    project's card (`model_card.write_card`) instead of the Trainer's, so `push_to_hub` uploads it."""
 
     card_kwargs: dict | None = None
-
-    def _plain_checkpoint(self, folder) -> bool:
-        """A `save_pretrained` folder of an unsharded, unwrapped model (FSDP / DeepSpeed restore their own way)."""
-        return (folder is not None and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
-                and os.path.isfile(os.path.join(folder, "config.json"))
-                and any(os.path.isfile(os.path.join(folder, name))
-                        for name in ("model.safetensors", "model.safetensors.index.json")))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if model is None and self._plain_checkpoint(resume_from_checkpoint):
-            logger.info("Loading model from %s", resume_from_checkpoint)
-            return load_saved_weights(self.model, resume_from_checkpoint)
-        return super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self):
-        best = self.state.best_model_checkpoint
-        if not self._plain_checkpoint(best):
-            return super()._load_best_model()
-        logger.info("Loading the best model from %s (accuracy %s)", best, self.state.best_metric)
-        load_saved_weights(self.model, best)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -582,10 +551,13 @@ def plan_evaluation(args: FinetuningArguments, steps_per_epoch: int) -> str:
 
 
 def resolve_checkpoint(value, output_dir: str, parser):
-    """`--resume_from_checkpoint last` (or true) -> the newest checkpoint-* in --output_dir; a folder as it is."""
+    """`--resume_from_checkpoint latest` (or true, as the Trainer) -> the newest checkpoint-* in --output_dir; a folder
+    as it is."""
+    from .checkpointing import LATEST_CHECKPOINT
+
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
-    if str(value).lower() in ("last", "true"):
+    if str(value).lower() in (LATEST_CHECKPOINT, "true"):
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
@@ -593,67 +565,51 @@ def resolve_checkpoint(value, output_dir: str, parser):
             parser.error(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
         return last
     if not os.path.isdir(value):
-        parser.error(f"--resume_from_checkpoint {value!r}: expected a checkpoint folder or 'last'")
+        parser.error(f"--resume_from_checkpoint {value!r}: expected a checkpoint folder or '{LATEST_CHECKPOINT}'")
     return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    parser, model_args, data_args, training_args = parse_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from transformers import AutoImageProcessor, EarlyStoppingCallback, set_seed
+class ModelInput(NamedTuple):
+    """How the model reads images: the processor saved beside it, and the size, PIL mode and per-channel mean / std
+    the training images are prepared with (the processor's own)."""
 
-    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, parser)
-    push = training_args.push_to_hub and not training_args.dry_run
-    training_args.push_to_hub = push  # a dry run must not create the repository either
-    set_seed(training_args.seed)  # the new head's initialisation
-    splits = load_splits(data_args, parser, training_args.seed, model_args.cache_dir)
-    train, evaluation, image_column, label_column, names, eval_split = (
-        splits.train, splits.evaluation, splits.image_column, splits.label_column, splits.names, splits.eval_split)
-    model = load_model(model_args, parser, names)
-    check_optimizer(training_args, model, parser)
-    config = model.config
+    processor: object
+    size: int
+    mode: str
+    mean: list
+    std: list
+
+
+def model_input(model_args: ModelArguments, config, parser) -> ModelInput:
+    """The checkpoint's image processor (`data.load_image_processor`: ImageNet's without one) at the model's size."""
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     mode = {1: "L", 3: "RGB"}.get(config.num_channels)
     if mode is None:
         parser.error(f"num_channels={config.num_channels}: only grayscale (1) or RGB (3) models are supported")
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    except Exception:  # noqa: BLE001
-        from .export import load_image_processor
-
-        processor = load_image_processor(model_args.model_name_or_path, config, model_args.cache_dir)
+    processor = load_image_processor(model_args.model_name_or_path, config, model_args.cache_dir)
     processor.size = {"height": size, "width": size}
-    if config.num_channels == 3:
-        processor.do_convert_rgb = True
-    mean = list(processor.image_mean)[: config.num_channels]
-    std = list(processor.image_std)[: config.num_channels]
-    mean = mean * config.num_channels if len(mean) == 1 else mean
-    std = std * config.num_channels if len(std) == 1 else std
 
-    seed = training_args.seed
-    train_ds = ClassificationImages(train, image_column, label_column, size, mean, std, mode,
-                                    not data_args.no_augmentation, seed)
-    eval_ds = ClassificationImages(evaluation, image_column, label_column, size, mean, std, mode, False, seed)
-    compute, metric_source = accuracy_metric()
+    def per_channel(values):  # one value stands for every channel
+        values = list(values)[: config.num_channels]
+        return values * config.num_channels if len(values) == 1 else values
+
+    return ModelInput(processor, size, mode, per_channel(processor.image_mean), per_channel(processor.image_std))
+
+
+def build_trainer(training_args: FinetuningArguments, model, train_ds, eval_ds, processor, accuracy, push: bool):
+    """The `FinetuningTrainer` with `accuracy` (`accuracy_metric`'s function), the epoch callback and early stopping.
+    With `push`, the Hub repository (and `--hub_revision`'s branch) is created here, before any training: a failure
+    ends in one line."""
+    from transformers import EarlyStoppingCallback
 
     def compute_metrics(prediction):
         logits, labels = prediction
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        return compute(np.argmax(logits, axis=-1), labels)
+        return accuracy(np.argmax(logits, axis=-1), labels)
 
-    steps_per_epoch = optimizer_steps_per_epoch(len(train), training_args)
-    evaluation_plan = plan_evaluation(training_args, steps_per_epoch)
-    selecting = training_args.load_best_model_at_end or (
-        training_args.eval_strategy != IntervalStrategy.NO and training_args.early_stopping_patience > 0)
-    on_reported_split = selecting and selects_on_reported_split(eval_split)
-    if on_reported_split:
-        logger.warning("Best-checkpoint selection and early stopping use the %r split, the same split the final "
-                       "accuracy is reported on, so that accuracy is optimistic. Give a validation split "
-                       "(--validation_split / --validation_dir) or train a fixed schedule (--eval_strategy no).",
-                       eval_split)
     callbacks = [EpochToDataset(train_ds)]
     if training_args.eval_strategy != IntervalStrategy.NO and training_args.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(training_args.early_stopping_patience))
@@ -672,20 +628,97 @@ def main(argv=None):
         print(f"error: could not create the Hub repository {training_args.hub_model_id} (nothing was trained): "
               f"{one_line(error)[:300]}", file=sys.stderr)
         sys.exit(1)
+    return trainer
+
+
+def card_settings(model_args, data_args, training_args, splits: Splits, metrics: dict, state, selection: str,
+                  model_pooling: str) -> list[tuple[str, str]]:
+    """The run's settings as the model card's table rows (no local paths)."""
+    test = f"{len(splits.test)} ({splits.test_split!r})" if splits.test is not None else "none"
+    settings = [("base model", public_name(model_args.model_name_or_path)),
+                ("data set", dataset_label(data_args.dataset_name, run_recorded=True)), ("classes", len(splits.names)),
+                ("train / eval images", f"{len(splits.train)} / {len(splits.evaluation)}"),
+                ("test images (reported only)", test),
+                ("few-shot (per class)", data_args.train_samples_per_class or "all"),
+                ("epochs run", f"{metrics.get('epoch', '—')}"),
+                ("optimizer steps", f"{state.global_step} of {state.max_steps}"),
+                ("learning rate", training_args.learning_rate), ("layer decay", training_args.layer_decay),
+                ("weight decay", training_args.weight_decay), ("pooling", model_pooling),
+                ("batch size", training_args.per_device_train_batch_size),
+                ("augmentation", "none" if data_args.no_augmentation else "RandomResizedCrop(0.08-1) + flip"),
+                ("evaluation", metrics["evaluation"]), ("model selection", selection), ("seed", metrics["seed"]),
+                ("accuracy computed by", metrics["accuracy_source"])]
+    return [(name, str(value)) for name, value in settings]
+
+
+def save_or_push(trainer, training_args: FinetuningArguments, push: bool) -> None:
+    """Saves the kept weights (the best checkpoint with `load_best_model_at_end`, else the last) with the processor
+    and the card; with `push`, uploads them too, and a failed upload ends in one line (the folder stays complete)."""
+    if not push:
+        trainer.save_model()
+        trainer.create_model_card()
+        if training_args.dry_run and trainer.is_world_process_zero():
+            push_folder(training_args.output_dir, training_args.hub_model_id, bool(training_args.hub_private_repo),
+                        training_args.hub_revision, dry_run=True, ignore_patterns=TRAINER_PUSH_IGNORE)
+        return
+    try:  # saves the model and the processor, writes the card (create_model_card), uploads
+        trainer.push_to_hub(commit_message="End of training")
+    except Exception as error:  # noqa: BLE001  (offline, 401/403, ...: one clear line, the folder is complete)
+        print(f"error: could not push {training_args.output_dir} to {training_args.hub_model_id}: "
+              f"{one_line(error)[:300]}; the local folder is complete (retry with: huggingface-cli upload "
+              f"{training_args.hub_model_id} {training_args.output_dir} .)", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    parser, model_args, data_args, training_args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from transformers import set_seed
+
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, parser)
+    push = training_args.push_to_hub and not training_args.dry_run
+    training_args.push_to_hub = push  # a dry run must not create the repository either
+    seed = training_args.seed
+    set_seed(seed)  # the new head's initialisation
+    splits = load_splits(data_args, parser, seed, model_args.cache_dir)
+    eval_split = splits.eval_split
+    model = load_model(model_args, parser, splits.names)
+    check_optimizer(training_args, model, parser)
+    config = model.config
+    pooling = getattr(config, "pooling", "cls")
+    inputs = model_input(model_args, config, parser)
+
+    def images(split, augment: bool) -> ClassificationImages:
+        return ClassificationImages(split, splits.image_column, splits.label_column, inputs.size, inputs.mean,
+                                    inputs.std, inputs.mode, augment, seed)
+
+    train_ds, eval_ds = images(splits.train, not data_args.no_augmentation), images(splits.evaluation, False)
+    steps_per_epoch = optimizer_steps_per_epoch(len(splits.train), training_args)
+    evaluation_plan = plan_evaluation(training_args, steps_per_epoch)
+    selecting = training_args.load_best_model_at_end or (
+        training_args.eval_strategy != IntervalStrategy.NO and training_args.early_stopping_patience > 0)
+    on_reported_split = selecting and selects_on_reported_split(eval_split)
+    if on_reported_split:
+        logger.warning("Best-checkpoint selection and early stopping use the %r split, the same split the final "
+                       "accuracy is reported on, so that accuracy is optimistic. Give a validation split "
+                       "(--validation_split / --validation_dir) or train a fixed schedule (--eval_strategy no).",
+                       eval_split)
+    accuracy, metric_source = accuracy_metric()
+    trainer = build_trainer(training_args, model, train_ds, eval_ds, inputs.processor, accuracy, push)
     logger.info("Finetuning %s: %d classes, %d train / %d eval images (%s), %d layers with layer decay %.2f, "
                 "pooling %s, %d optimizer steps per epoch, evaluation %s, accuracy via %s",
-                model_args.model_name_or_path, len(names), len(train), len(evaluation), eval_split,
-                config.num_hidden_layers, training_args.layer_decay, getattr(config, "pooling", "cls"),
-                steps_per_epoch, evaluation_plan, metric_source)
+                model_args.model_name_or_path, len(splits.names), len(splits.train), len(splits.evaluation),
+                eval_split, config.num_hidden_layers, training_args.layer_decay, pooling, steps_per_epoch,
+                evaluation_plan, metric_source)
     train_result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     metrics = {**train_result.metrics, **trainer.evaluate()}
     if splits.test is not None:  # the selected weights, on a split no choice was made on
-        test_ds = ClassificationImages(splits.test, image_column, label_column, size, mean, std, mode, False, seed)
-        metrics.update(trainer.evaluate(test_ds, metric_key_prefix="test"), test_split=splits.test_split,
-                       test_samples=len(splits.test))
+        metrics.update(trainer.evaluate(images(splits.test, False), metric_key_prefix="test"),
+                       test_split=splits.test_split, test_samples=len(splits.test))
     metrics.update(
-        eval_split=eval_split, train_samples=len(train), eval_samples=len(evaluation), accuracy_source=metric_source,
+        eval_split=eval_split, train_samples=len(splits.train), eval_samples=len(splits.evaluation),
+        accuracy_source=metric_source,
         best_checkpoint=state.best_model_checkpoint if training_args.load_best_model_at_end else None,
         global_step=state.global_step, max_steps=state.max_steps, steps_per_epoch=steps_per_epoch,
         evaluation=evaluation_plan, stopped_early=state.global_step < state.max_steps,
@@ -696,40 +729,15 @@ def main(argv=None):
 
     selection = (f"best checkpoint on {eval_split!r}" + (" (the reported split)" if on_reported_split else "")
                  if selecting else "none (last weights)")
-    settings = [("base model", public_name(model_args.model_name_or_path)),  # no local paths on the card
-                ("data set", dataset_label(data_args.dataset_name, run_recorded=True)), ("classes", len(names)),
-                ("train / eval images", f"{len(train)} / {len(evaluation)}"),
-                ("test images (reported only)",
-                 f"{len(splits.test)} ({splits.test_split!r})" if splits.test is not None else "none"),
-                ("few-shot (per class)", data_args.train_samples_per_class or "all"),
-                ("epochs run", f"{metrics.get('epoch', '—')}"),
-                ("optimizer steps", f"{state.global_step} of {state.max_steps}"),
-                ("learning rate", training_args.learning_rate), ("layer decay", training_args.layer_decay),
-                ("weight decay", training_args.weight_decay), ("pooling", getattr(config, "pooling", "cls")),
-                ("batch size", training_args.per_device_train_batch_size),
-                ("augmentation", "none" if data_args.no_augmentation else "RandomResizedCrop(0.08-1) + flip"),
-                ("evaluation", evaluation_plan), ("model selection", selection), ("seed", seed),
-                ("accuracy computed by", metric_source)]
     trainer.card_kwargs = dict(repo_id=training_args.hub_model_id, dataset_name=data_args.dataset_name,
                                base_model=model_args.model_name_or_path, results=metrics,
-                               license=training_args.license, extra_settings=[(k, str(v)) for k, v in settings])
+                               license=training_args.license,
+                               extra_settings=card_settings(model_args, data_args, training_args, splits, metrics,
+                                                            state, selection, pooling))
     if trainer.is_world_process_zero():
         print(json.dumps({"eval_accuracy": metrics.get("eval_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
                           "output_dir": training_args.output_dir}))
-    if not push:
-        trainer.save_model()  # the best checkpoint (load_best_model_at_end), else the last weights
-        trainer.create_model_card()
-        if training_args.dry_run and trainer.is_world_process_zero():
-            push_folder(training_args.output_dir, training_args.hub_model_id, bool(training_args.hub_private_repo),
-                        training_args.hub_revision, dry_run=True, ignore_patterns=TRAINER_PUSH_IGNORE)
-        return metrics
-    try:  # saves the model and the processor, writes the card (create_model_card), uploads
-        trainer.push_to_hub(commit_message="End of training")
-    except Exception as error:  # noqa: BLE001  (offline, 401/403, ...: one clear line, the folder is complete)
-        print(f"error: could not push {training_args.output_dir} to {training_args.hub_model_id}: "
-              f"{one_line(error)[:300]}; the local folder is complete (retry with: huggingface-cli upload "
-              f"{training_args.hub_model_id} {training_args.output_dir} .)", file=sys.stderr)
-        sys.exit(1)
+    save_or_push(trainer, training_args, push)
     return metrics
 
 
