@@ -190,15 +190,16 @@ def boxes_to_patch_mask(
 
 
 def box_prior_masking(noise: torch.Tensor, inside: torch.Tensor, mask_factor: float, num_visible: int):
-    """The paper's pilot prior: gamma = noise + mask_factor * inside, then MAE's argsort (lowest kept).
+    """The paper's pilot prior: raised noise = noise + mask_factor * inside, then MAE's argsort (lowest kept).
 
     With noise U(0, 1) and mask_factor >= 1 the box patches are always masked first; with the default 0.5 they are
     masked before almost every outside patch (an inside patch is only kept when more than the masked count of
-    patches draw a higher gamma). Returns ids_keep, mask, ids_restore (as `argsort_masking`) and gamma.
+    patches draw a higher raised noise). Returns ids_keep, mask, ids_restore (as `argsort_masking`) and the `[B, L]`
+    raised noise.
     """
-    raised = noise.float() + mask_factor * inside.to(noise.device, torch.float32)
-    ids_keep, mask, ids_restore = argsort_masking(raised, num_visible)
-    return ids_keep, mask, ids_restore, raised
+    raised_noise = noise.float() + mask_factor * inside.to(noise.device, torch.float32)
+    ids_keep, mask, ids_restore = argsort_masking(raised_noise, num_visible)
+    return ids_keep, mask, ids_restore, raised_noise
 
 
 def attention_masking(
@@ -217,7 +218,7 @@ def attention_masking(
         noise: `[B, L]` U(0, 1); its order picks the hints and the patches masked in their place, and orders the
             visible patches (drawn when `None`).
     Returns:
-        ids_keep, mask, ids_restore (as `argsort_masking`) and the `[B, L]` gamma they were sorted by
+        ids_keep, mask, ids_restore (as `argsort_masking`) and the `[B, L]` raised noise they were sorted by
         (noise + 2 on the masked set).
     """
     batch, num_patches = attention.shape
@@ -237,9 +238,9 @@ def attention_masking(
         swaps = torch.where(top, inf, noise).topk(num_hints, dim=1, largest=False).indices  # masked instead
         masked.scatter_(1, hints, False)
         masked.scatter_(1, swaps, True)
-    gamma = noise + 2.0 * masked.float()
-    ids_keep, mask, ids_restore = argsort_masking(gamma, num_visible)
-    return ids_keep, mask, ids_restore, gamma
+    raised_noise = noise + 2.0 * masked.float()
+    ids_keep, mask, ids_restore = argsort_masking(raised_noise, num_visible)
+    return ids_keep, mask, ids_restore, raised_noise
 
 
 def mask_entropy(mask_logits: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,8 @@ class AutoMAEMaskGeneratorOutput(ModelOutput):
         ids_keep (`[B, K]`): indices of the visible patches.
         mask_logits (`[B, L]`): log-softmax scores of the score head over patches.
         mask_probs (`[B, L]`): p, the soft Gumbel-Softmax sample whose top-K is masked (differentiable).
-        raised_noise (`[B, L]`): gamma = noise + beta * straight-through top-K (differentiable w.r.t. p).
+        raised_noise (`[B, L]`): noise + beta * straight-through top-K, differentiable w.r.t. p (the reference's
+            `gamma`): MAE's argsort masks by it, and the encoder's tokens carry its gradient (`AutoMAEModel`).
         teacher_attention (`[B, heads, h, w]`): the teacher's CLS attention on the student's grid.
     """
 
@@ -181,7 +182,7 @@ class AutoMAEDiscriminatorOutput(ModelOutput):
 
 # --------------------------------------------------------------------------------------------------------------
 # Student building blocks: transformers' ViTMAE blocks, plus what AutoMAE needs (no masking inside the encoder,
-# visible ids, the gamma gate, any rectangular grid)
+# visible ids, the raised-noise gate, any rectangular grid)
 # --------------------------------------------------------------------------------------------------------------
 def sincos_position_embedding(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, `[1 + h*w, dim]` (a zero row for CLS), on any (rows, columns) grid: transformers'
@@ -523,7 +524,7 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         visible_ids: torch.LongTensor | None = None,
-        token_gates: torch.Tensor | None = None,
+        raised_noise: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
@@ -531,8 +532,8 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
         Args:
             pixel_values: `[B, C, H, W]`.
             visible_ids: optional `[B, K]` patch indices to encode (MAE's visible set); `None` encodes all patches.
-            token_gates: optional `[B, L]` gamma of the gradient trick (docs/method.md §2.5): tokens become
-                z + (g - sg(g)) z, equal in value, with dLoss/dg = <dLoss/dz', z>.
+            raised_noise: optional `[B, L]` gate of the gradient trick (docs/method.md §2.5): tokens become
+                z + (r - sg(r)) z, equal in value, with dLoss/dr = <dLoss/dz', z>.
             output_hidden_states, output_attentions, return_dict: as in transformers (attentions need
                 `attn_implementation="eager"`).
         Returns:
@@ -542,9 +543,9 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
         if pixel_values is None:
             raise ValueError("AutoMAEModel needs pixel_values of shape [batch_size, channels, height, width]")
         patches, cls_token = self.embeddings(pixel_values, interpolate_pos_encoding)
-        if token_gates is not None:
-            gates = token_gates.unsqueeze(-1).to(patches.dtype)
-            patches = patches + (gates - gates.detach()) * patches  # bit-exact forward, unlike g*z + sg(1-g)*z
+        if raised_noise is not None:
+            gate = raised_noise.unsqueeze(-1).to(patches.dtype)
+            patches = patches + (gate - gate.detach()) * patches  # bit-exact forward, unlike r*z + sg(1-r)*z
         if visible_ids is not None:
             patches = torch.gather(patches, 1, visible_ids.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         hidden_states = self.encoder(torch.cat([cls_token, patches], dim=1), **kwargs)
@@ -554,7 +555,7 @@ class AutoMAEModel(AutoMAEPreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> gamma
+# The mask generator (§1-2): frozen teacher -> score head -> Gumbel-Softmax -> straight-through top-K -> raised noise
 # --------------------------------------------------------------------------------------------------------------
 def _teacher_config_dict(config) -> dict:
     """A teacher's config as the plain dict stored in `teacher_config` (encoder fields only for our own models)."""
@@ -1123,7 +1124,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         encoded = self.vit(
             pixel_values,
             visible_ids=sampled.ids_keep,
-            token_gates=sampled.raised_noise,
+            raised_noise=sampled.raised_noise,
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
             **{name: value for name, value in requested.items() if value is not None},

@@ -146,28 +146,28 @@ def test_straight_through_topk_is_exact_one_hot_with_identity_gradient():
     torch.testing.assert_close(probs.grad, weights)
 
 
-# ---- the gamma trick -----------------------------------------------------------------------------------------------
+# ---- the raised-noise gradient trick ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid", GRIDS)
-def test_gamma_trick_forward_is_bit_identical(grid):
+def test_raised_noise_gate_forward_is_bit_identical(grid):
     image_size = GRIDS[grid]
     torch.manual_seed(0)
     encoder = AutoMAEModel(AutoMAEConfig(**tiny_kwargs(image_size))).eval()
     pixel_values = images(2, image_size)
     num_patches = (image_size // 4) ** 2
-    gates = (torch.rand(2, num_patches) + 0.5 * torch.rand(2, num_patches)).requires_grad_()
+    raised_noise = (torch.rand(2, num_patches) + 0.5 * torch.rand(2, num_patches)).requires_grad_()
     visible = torch.argsort(torch.rand(2, num_patches), dim=1)[:, : num_patches // 4]
     plain = encoder(pixel_values, visible_ids=visible).last_hidden_state
-    gated = encoder(pixel_values, visible_ids=visible, token_gates=gates).last_hidden_state
+    gated = encoder(pixel_values, visible_ids=visible, raised_noise=raised_noise).last_hidden_state
     assert torch.equal(plain, gated)
 
 
-def test_gamma_gradient_is_token_dot_upstream_and_zero_on_masked_patches():
-    """Through the model's own gate (`AutoMAEModel(token_gates=...)`): dL/dg_i = <dL/dz'_i, z_i> on visible patches,
+def test_raised_noise_gradient_is_token_dot_upstream_and_zero_on_masked_patches():
+    """Through the model's own gate (`AutoMAEModel(raised_noise=...)`): dL/dr_i = <dL/dz'_i, z_i> on visible patches,
     sign and magnitude, and 0 on masked ones."""
     model = tiny_model(28).eval()
     pixel_values = images(2, 28)
     sample = model.mask_generator(pixel_values)
-    gates = sample.raised_noise.detach().clone().requires_grad_()
+    raised_noise = sample.raised_noise.detach().clone().requires_grad_()
     captured = {}
 
     def leaf_patches(module, args, output):  # make the embeddings' patch tokens z a leaf whose gradient we read
@@ -177,16 +177,16 @@ def test_gamma_gradient_is_token_dot_upstream_and_zero_on_masked_patches():
 
     handle = model.vit.embeddings.register_forward_hook(leaf_patches)
     try:
-        encoded = model.vit(pixel_values, visible_ids=sample.ids_keep, token_gates=gates)
+        encoded = model.vit(pixel_values, visible_ids=sample.ids_keep, raised_noise=raised_noise)
     finally:
         handle.remove()
     logits = model.decoder(encoded.last_hidden_state, sample.ids_restore)
     loss = model.forward_loss(pixel_values, logits, sample.mask)
-    token_grad, gate_grad = torch.autograd.grad(loss, [captured["z"], gates])
+    token_grad, gate_grad = torch.autograd.grad(loss, [captured["z"], raised_noise])
     masked = sample.mask.bool()
     assert torch.all(gate_grad[masked] == 0), "masked patches must not contribute to the generator's gradient"
     assert torch.all(gate_grad[~masked] != 0)
-    # z' = z + (g - sg(g)) z has dz'/dz = 1 at this point, so dL/dz = dL/dz' and dL/dg = <dL/dz', z>
+    # z' = z + (r - sg(r)) z has dz'/dz = 1 at this point, so dL/dz = dL/dz' and dL/dr = <dL/dz', z>
     # (docs/method.md §2.5)
     expected = (token_grad * captured["z"].detach()).sum(-1)
     torch.testing.assert_close(gate_grad[~masked], expected[~masked], atol=1e-7, rtol=1e-4)
