@@ -18,7 +18,8 @@ MASKING_STRATEGIES = tuple(MASKING_STRATEGY_REGISTRY)
 TEACHER_SELF = "self"
 # Teacher families whose attention the mask generator reads (`teacher.TEACHER_FAMILIES`), plus "self".
 SUPPORTED_TEACHER_TYPES = tuple(TEACHER_FAMILIES) + (TEACHER_SELF,)
-# ViT encoder fields that describe the student's architecture; the default teacher copies them.
+# ViT encoder fields that describe the student's architecture; the default teacher copies them, and so does the
+# `ViTConfig` of an exported encoder (a ViTConfig has each of them with the same meaning).
 ENCODER_ARCHITECTURE_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -67,14 +68,13 @@ AUTOMAE_PRESETS = {
                       score_head_lr_scale=1.0, discriminator_input_scale="none"),
     # The scores drive the mask from the first step: standardised teacher maps, a head that starts as their mean, and
     # scores three times wider, against the reference's unchanged Gumbel noise; the chosen top-K's noise is raised by
-    # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always (the masked set lies
-    # 54% on the garment, random 53%, beta 0.5 56%). Chosen by measurement (DINOv2
-    # teacher at its own patch grid, Fashion-MNIST, 300 steps, 3 seeds): the sampled top-K lies 80% on the garment and
-    # 66% in the teacher's top-K (random: 53% and 25%), with every probe within the seeds' spread of plain MAE; at
-    # beta 0.5 few-shot kNN fell 3.9 points below it. See benchmarks/RESULTS.md.
+    # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always. Chosen by measurement
+    # (DINOv2 teacher at its own patch grid, Fashion-MNIST, 3 seeds; the figures: benchmarks/RESULTS.md): the sampled
+    # top-K follows the teacher's, every probe stays within the seeds' spread of plain MAE, and at beta 0.5 few-shot
+    # kNN fell below it.
     # The score head trains at a tenth of the student's learning rate (`score_head_lr_scale`, read by
     # `AutoMAEForPreTraining.optimizer_param_groups`): at the full rate the reconstruction loss flattens the scores
-    # again in about 100 steps.
+    # again early in the run.
     "follow_teacher": dict(mask_factor=0.1, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
                            box_prior_alpha=0.5, attention_normalization="standardize", score_scale=3.0,
                            score_head_init="attention", score_head_lr_scale=0.1),

@@ -556,7 +556,7 @@ def build_dinov2_teacher(
     processor = image_processor()
     verification = None
     if verify:
-        # Without onnxruntime the reference evaluator runs the graph in numpy (about 30 s an image): keep it short.
+        # Without onnxruntime the reference evaluator runs the graph in numpy, far slower: two photos only.
         count = num_images if _onnxruntime() is not None else min(num_images, 2)
         photos, described = verification_images(count, images)
         step(f"Verifying against the ONNX graph on {described}")

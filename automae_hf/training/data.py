@@ -24,7 +24,6 @@ from ..masking import pad_boxes
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "pixel_values", "images", "picture")
 # Looked for after a `ClassLabel` column, which is the label wherever a data set has one.
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "coarse_label", "class", "target", "category")
-BOX_COLUMN_CANDIDATES = ("objects", "bbox")  # HF detection conventions: objects.bbox (COCO xywh), or bbox
 DATA_BOX_FORMATS = ("xywh",) + tuple(f for f in BOX_FORMATS if f != "xywh")  # COCO first: HF's `objects` default
 
 logger = logging.getLogger("automae.data")
@@ -426,8 +425,8 @@ def collate(examples):
 
 
 def find_box_column(args, parser, data, columns) -> str:
-    """The column of `--masking box_prior`'s boxes: `--box_column_name`, else `objects` (with a `bbox` field) or
-    `bbox`."""
+    """The column of `--masking box_prior`'s boxes: `--box_column_name`, else, by HF's detection conventions, `objects`
+    (with a `bbox` field, COCO xywh) or `bbox`."""
     if args.box_column_name is not None:
         if args.box_column_name not in columns:
             parser.error(f"--box_column_name {args.box_column_name!r} is not a column of the data set {columns}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_automae import ENCODER_ARCHITECTURE_FIELDS
-from .data import load_image_processor
+from .data import load_image_processor, one_line
 from .hub import HubPushError, add_hub_arguments, check_hub_arguments, push_folder
 from .model_card import dataset_label, hub_id, public_name, read_run_metadata, write_card
 
@@ -36,10 +36,6 @@ FORBIDDEN_KEY_PARTS = ("decoder", "mask_generator", "teacher", "discriminator", 
 
 class ExportError(RuntimeError):
     """A checkpoint that cannot be exported; the message is one line."""
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:400] or type(error).__name__
 
 
 def check_source(name_or_path: str) -> None:
@@ -56,7 +52,7 @@ def check_source(name_or_path: str) -> None:
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except ValueError as error:
-        raise ExportError(f"checkpoint {name_or_path!r}: corrupt config.json ({_one_line(error)})") from None
+        raise ExportError(f"checkpoint {name_or_path!r}: corrupt config.json ({one_line(error)[:400]})") from None
     if model_type not in ("automae", "vit_mae"):
         raise ExportError(f"checkpoint {name_or_path!r} has model_type {model_type!r}; expected an AutoMAE "
                           "(or ViTMAE) pretraining checkpoint")
@@ -73,7 +69,7 @@ def load_encoder(name_or_path: str, cache_dir=None):
     try:
         model, info = AutoMAEModel.from_pretrained(name_or_path, cache_dir=cache_dir, output_loading_info=True)
     except Exception as error:  # noqa: BLE001  (truncated / corrupt safetensors, bad config, network)
-        raise ExportError(f"checkpoint {name_or_path!r} is corrupt or unreadable: {_one_line(error)}") from None
+        raise ExportError(f"checkpoint {name_or_path!r} is corrupt or unreadable: {one_line(error)[:400]}") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_embeddings")]
     if missing or info.get("mismatched_keys"):
         raise ExportError(f"checkpoint {name_or_path!r} lacks encoder weights: missing {sorted(missing)[:5]}, "
