@@ -176,6 +176,35 @@ def test_synthetic_images_are_deterministic():
     assert [np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(first, second)] == [True, True]
 
 
+def test_the_graph_check_meets_the_graph_input_and_refuses_a_conversion_beyond_the_tolerance(tmp_path, monkeypatch):
+    """The check reads the photos with the DINOv2 processor, resized to the graph's fixed input size, and records them
+    with the tolerance; a backbone output further than the tolerance from the graph's raises before anything is
+    written."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    proto = helper.make_model(helper.make_graph(
+        [], "g", [helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["batch", 3, 28, 28])], []))
+    seen = []
+
+    def fake_verify(model_proto, conversion, model, pixel_values, verbose, difference):
+        seen.append(tuple(pixel_values.shape))
+        return {"max_abs_diff_last_hidden_state": difference, "last_hidden_state_abs_max": 3.0, "runtime": "fake"}
+
+    steps = []
+    for difference in (1e-6, 1e-3):
+        monkeypatch.setattr(dt, "verify_conversion", lambda *args: fake_verify(*args, difference))
+        check = lambda: dt._check_against_graph(proto, None, None, dt.image_processor(), 2, None, 1e-4,  # noqa: E731
+                                                steps.append, verbose=False)
+        if difference < 1e-4:
+            record = check()
+            assert record["tolerance"] == 1e-4 and "2" in record["images"]
+        else:
+            with pytest.raises(RuntimeError, match="within 0.0001 of the ONNX graph.*nothing written"):
+                check()
+    assert seen == [(2, 3, 28, 28)] * 2 and any("max |diff|" in step for step in steps)
+
+
 # ---- the real wheel ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory):

@@ -508,6 +508,35 @@ def _install(built: Path, output_dir: Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
+def _check_against_graph(model_proto, conversion, model, processor, num_images, images, tolerance, step,
+                         verbose) -> dict:
+    """`verify_conversion` on `num_images` photos read by `processor` (resized to the graph's fixed input): -> its
+    record, with the photos and `tolerance`; a backbone output further than `tolerance` from the graph's raises."""
+    # Without onnxruntime the reference evaluator runs the graph in numpy, far slower: two photos only.
+    count = num_images if _onnxruntime() is not None else min(num_images, 2)
+    photos, described = verification_images(count, images)
+    step(f"Verifying against the ONNX graph on {described}")
+    pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
+    size = _onnx_input_size(model_proto)
+    if size and pixel_values.shape[-1] != size:
+        resize = torch.nn.functional.interpolate  # the graph's input is fixed: meet it
+        pixel_values = resize(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
+    verification = verify_conversion(model_proto, conversion, model, pixel_values, verbose)
+    verification["images"] = described
+    verification["tolerance"] = tolerance
+    line = (f"  max |diff| last hidden state {verification['max_abs_diff_last_hidden_state']:.3g} "
+            f"(values up to {verification['last_hidden_state_abs_max']:.3g})")
+    if "max_abs_diff_last_attention" in verification:
+        line += f", last-layer attention {verification['max_abs_diff_last_attention']:.3g}"
+    step(f"{line} ({verification['runtime']})")
+    if not verification["max_abs_diff_last_hidden_state"] <= tolerance:
+        raise RuntimeError(
+            f"Expected the converted backbone within {tolerance} of the ONNX graph, got max |diff| "
+            f"{verification['max_abs_diff_last_hidden_state']:.3g}: nothing written"
+        )
+    return verification
+
+
 def build_dinov2_teacher(
     output_dir: str | Path | None = None,
     force: bool = False,
@@ -556,28 +585,8 @@ def build_dinov2_teacher(
     processor = image_processor()
     verification = None
     if verify:
-        # Without onnxruntime the reference evaluator runs the graph in numpy, far slower: two photos only.
-        count = num_images if _onnxruntime() is not None else min(num_images, 2)
-        photos, described = verification_images(count, images)
-        step(f"Verifying against the ONNX graph on {described}")
-        pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
-        size = _onnx_input_size(model_proto)
-        if size and pixel_values.shape[-1] != size:
-            resize = torch.nn.functional.interpolate  # the graph's input is fixed: meet it
-            pixel_values = resize(pixel_values, size=(size, size), mode="bicubic", align_corners=False)
-        verification = verify_conversion(model_proto, conversion, model, pixel_values, verbose)
-        verification["images"] = described
-        verification["tolerance"] = tolerance
-        line = (f"  max |diff| last hidden state {verification['max_abs_diff_last_hidden_state']:.3g} "
-                f"(values up to {verification['last_hidden_state_abs_max']:.3g})")
-        if "max_abs_diff_last_attention" in verification:
-            line += f", last-layer attention {verification['max_abs_diff_last_attention']:.3g}"
-        step(f"{line} ({verification['runtime']})")
-        if not verification["max_abs_diff_last_hidden_state"] <= tolerance:
-            raise RuntimeError(
-                f"Expected the converted backbone within {tolerance} of the ONNX graph, got max |diff| "
-                f"{verification['max_abs_diff_last_hidden_state']:.3g}: nothing written"
-            )
+        verification = _check_against_graph(model_proto, conversion, model, processor, num_images, images, tolerance,
+                                            step, verbose)
     else:
         step("Verification skipped (--no_verify)")
 
