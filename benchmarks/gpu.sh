@@ -26,7 +26,8 @@
 #            it runs last, on what is left of BUDGET
 #   loop:    LOOP=0 skips it; LOOP_ARMS (mae live cached), LOOP_IMAGES (2048), LOOP_SOURCE_SIZE (256),
 #            LOOP_IMAGE_SIZE (224), LOOP_BATCH (128), LOOP_STEPS (48), LOOP_LOGGING_STEPS (8), LOOP_WORKERS (12),
-#            LOOP_CONFIG (config overrides; empty: ViT-B/16 with the 512 x 8 decoder), LOOP_SPEED_SIZE (the speed.py
+#            LOOP_CONFIG (config overrides; empty: ViT-B/16 with the 512 x 8 decoder), LOOP_COMPILE_BACKEND (inductor:
+#            the 'compiled' arm, cached + --torch_compile by region), LOOP_SPEED_SIZE (the speed.py
 #            size whose JSON holds the model-only rate: vit-b16), LOOP_TIMEOUT (150 s per arm)
 #   loader:  LOADER=0 skips it; LOADER_ARGS (--images 512 --workers 1 4)
 #   quality: QUALITY_STEPS (2000), QUALITY_SEEDS (1), QUALITY_ARMS, WORKERS (6), QUALITY_DATA (debian where Debian's
@@ -119,7 +120,7 @@ elif [[ "${LOOP:-1}" == "1" ]]; then
     image_size="${LOOP_IMAGE_SIZE:-224}"
     batch="${LOOP_BATCH:-128}"
     config="${LOOP_CONFIG:-}"
-    arms="${LOOP_ARMS:-mae live cached}"
+    arms="${LOOP_ARMS:-mae live cached compiled}"
     echo "== the real loop: training/pretrain.py, ${LOOP_STEPS:-48} steps of $batch, ${LOOP_WORKERS:-12} loader workers" \
         | tee -a "$summary"
     timeout "$(allowed 120 || echo 10)" "$PYTHON" benchmarks/loader.py --make_images "$scratch/jpeg" --images "${LOOP_IMAGES:-2048}" \
@@ -150,7 +151,9 @@ PY
             mae) extra=(--teacher_name_or_path none) ;;
             live) extra=(--teacher_name_or_path "$scratch/teacher") ;;
             cached) extra=(--teacher_name_or_path "$scratch/teacher" --cache_teacher_attention) ;;
-            *) echo "LOOP_ARMS: unknown arm $arm (mae, live, cached)" | tee -a "$summary"; continue ;;
+            compiled) extra=(--teacher_name_or_path "$scratch/teacher" --cache_teacher_attention --torch_compile
+                             --torch_compile_backend "${LOOP_COMPILE_BACKEND:-inductor}") ;;
+            *) echo "LOOP_ARMS: unknown arm $arm (mae, live, cached, compiled)" | tee -a "$summary"; continue ;;
         esac
         limit=$(allowed "${LOOP_TIMEOUT:-150}") || { echo "pretrain.py ($arm): skipped, BUDGET spent" \
             | tee -a "$summary"; continue; }
@@ -162,27 +165,35 @@ PY
         { echo "== $arm ($((SECONDS - start)) s)"; tail -n 30 "$scratch/run_$arm.log"; } >>"$OUT/loop.log"
         rm -rf "$scratch/run_$arm/checkpoints"  # the optimizer states of a ViT-B/16 are GBs
     done
-    "$PYTHON" - "$scratch" "$OUT/speed_${LOOP_SPEED_SIZE:-vit-b16}_bs${batch}.json" "$OUT/loop.json" "$batch" $arms \
+    "$PYTHON" - "$scratch" "$OUT/speed_${LOOP_SPEED_SIZE:-vit-b16}_bs${batch}.json" "$OUT/loop.json" "$batch" \
+        "${LOOP_LOGGING_STEPS:-8}" $arms \
         <<'PY' | tee -a "$summary"
 import json
 import statistics
 import sys
 from pathlib import Path
 
-scratch, reference, target, batch, arms = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+scratch, reference, target, batch, batch_steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+arms = sys.argv[6:]
 speed = json.loads(reference.read_text()) if reference.exists() else {}
 model_ms = speed.get("ms", {}) if speed.get("batch_size") == batch else {}
-names = {"mae": "MAE", "live": "AutoMAE", "cached": "AutoMAE cached"}  # speed.py's arm names
+names = {"mae": "MAE", "live": "AutoMAE", "cached": "AutoMAE cached", "compiled": "AutoMAE cached, compiled"}
+model_arm = {"compiled": "AutoMAE cached"}  # speed.py's arm of the same model (eager)
 rows = {}
 for arm in arms:
     log = scratch / f"run_{arm}" / "train_log.jsonl"
-    windows = [json.loads(line)["images_per_second"] for line in log.read_text().splitlines()] if log.exists() else []
+    rows_logged = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    windows = [logged["images_per_second"] for logged in rows_logged]
     steady = windows[1:] or windows  # the first window also holds the workers' start and the first batches
-    ms = model_ms.get(names[arm])
+    # Compile time: what the first window's steps took beyond a steady window's (host ms per micro-batch x count)
+    step_ms = [logged["train_step_ms"] for logged in rows_logged]
+    compile_s = ((step_ms[0] - statistics.median(step_ms[1:])) * batch_steps / 1000 if len(step_ms) > 1 else None)
+    ms = model_ms.get(model_arm.get(arm, names[arm]))
     seconds_file = scratch / f"run_{arm}.seconds"
     row = {"windows_images_per_s": windows, "loop_images_per_s": statistics.median(steady) if steady else None,
            "model_images_per_s": batch * 1000 / ms if ms else None, "model_source": str(reference.name),
-           "run_seconds": int(seconds_file.read_text()) if seconds_file.exists() else None}
+           "run_seconds": int(seconds_file.read_text()) if seconds_file.exists() else None,
+           "compile_seconds": compile_s}
     row["loop_over_model"] = (row["loop_images_per_s"] / row["model_images_per_s"]
                               if row["loop_images_per_s"] and row["model_images_per_s"] else None)
     rows[names[arm]] = row
@@ -209,16 +220,41 @@ if [[ "${LOADER:-1}" == "1" ]]; then
 fi
 
 if [[ "${PROFILE:-1}" == "1" ]]; then
+    compile_mode=()
+    [[ "$DEVICE" == "cpu" ]] || compile_mode=(--compile_mode reduce-overhead)  # as pretraining's CUDA default
     echo "== where the cached arm's time goes: benchmarks/profile_step.py (operator calls, host syncs, phases)" \
         | tee -a "$summary"
     if limit=$(allowed "${PROFILE_TIMEOUT:-90}"); then
         timeout "$limit" "$PYTHON" benchmarks/profile_step.py --size "${PROFILE_SIZE:-vit-b16}" \
             --batch_size "${PROFILE_BATCH:-128}" --steps "${PROFILE_STEPS:-3}" --device "$DEVICE" "${precision[@]}" \
-            --compile --output_json "$OUT/profile.json" 2>&1 | grep -v "^USDT" | tee -a "$summary" \
+            --compile "${compile_mode[@]}" --output_json "$OUT/profile.json" 2>&1 | grep -v "^USDT" | tee -a "$summary" \
             || echo "profile_step.py failed or ran over $limit s" | tee -a "$summary"
     else
         echo "profile_step.py: skipped, BUDGET spent" | tee -a "$summary"
     fi
 fi
+# Per arm, side by side: the loop's and the model's rates, the compile time and the kernel launches per iteration.
+"$PYTHON" - "$OUT/loop.json" "$OUT/profile.json" <<'PY' | tee -a "$summary"
+import json
+import sys
+from pathlib import Path
+
+loop, profile = (json.loads(Path(p).read_text()) if Path(p).exists() else {} for p in sys.argv[1:3])
+profiled = {"MAE": "MAE", "AutoMAE cached": "AutoMAE cached",
+            "AutoMAE cached, compiled": "AutoMAE cached, D + score head compiled"}
+
+
+def shown(value, form):
+    return form.format(value) if value is not None else "-"
+
+
+print("per arm | loop images/s | model images/s | compile s | kernel launches / iteration (operator calls on CPU)")
+for name, row in loop.get("arms", {}).items():
+    arm = profile.get(profiled.get(name, ""), {})
+    count = arm.get("launches") if arm.get("launches") is not None else arm.get("ops")
+    print(f"  {name:26s} | {shown(row.get('loop_images_per_s'), '{:.0f}')} | "
+          f"{shown(row.get('model_images_per_s'), '{:.0f}')} | {shown(row.get('compile_seconds'), '{:.1f}')} | "
+          f"{shown(count, '{:.0f}')}")
+PY
 echo "default mode: $SECONDS s after set-up" | tee -a "$summary"
 echo "figures: $OUT ($(ls "$OUT" | tr '\n' ' '))"

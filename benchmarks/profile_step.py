@@ -5,8 +5,9 @@ side in one process (the arms of benchmarks/speed.py, same model sizes).
     python benchmarks/profile_step.py --size vit-b16 --batch_size 8    # ViT-B/16, 224 px
     python benchmarks/profile_step.py --device cuda --bf16 --size vit-b16 --batch_size 128 --compile
 
-Prints per iteration, for each arm: wall time, operator calls (on a GPU each is at least one kernel launch, which is
-what a step made of small ops pays for) and host syncs (`aten::item`, `aten::_local_scalar_dense`, `aten::nonzero`,
+Prints per iteration, for each arm: wall time, operator calls, kernel launches on a GPU (the host's launch calls,
+a CUDA graph's replay counting one, and the kernels the GPU ran; a step made of small ops pays per launch) and host
+syncs (`aten::item`, `aten::_local_scalar_dense`, `aten::nonzero`,
 outside the optimizers' step: CPU fused Adam reads its step counts there, CUDA's does not);
 the cached arm's time and operator calls by phase (the D step, then the student step's score head, mask sampling,
 encoder, decoder, D as the generator's critic, backward, optimizer); and the operators with the most extra calls.
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +28,22 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import SIZES, autocast_of, build, synchronize  # noqa: E402  (the same arms and sizes as speed.py)
+
+def load_sibling(name: str):
+    """A module of this folder by file (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = load_sibling("speed")  # the same arms and sizes as speed.py
+SIZES, autocast_of, build, synchronize = speed.SIZES, speed.autocast_of, speed.build, speed.synchronize
 
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+# Host calls that each put work on the GPU's queue; a CUDA graph's replay is one `cudaGraphLaunch` for all its kernels.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch",
+                "cudaMemcpyAsync", "cudaMemsetAsync")
 
 
 def label_modules(model) -> list:
@@ -100,8 +113,12 @@ def profile_arm(step, steps: int, args):
         by_range[name] = {"ms": sum(item.time_range.elapsed_us() for item in items) / 1000 / steps,
                           "ops": inner / steps}
     syncs = sum(1 for event in events if event.name in SYNC_OPS and not _inside(event, "Optimizer.step")) / steps
-    return {"ms": seconds * 1000, "ops": sum(top.values()) / steps, "syncs": syncs,
-            "top": {k: v / steps for k, v in top.items()}, "ranges": by_range}
+    launches = kernels = None  # the CPU launches no kernels: operator calls are its only count
+    if args.device.startswith("cuda"):
+        launches = sum(1 for event in events if event.name.startswith(LAUNCH_CALLS)) / steps
+        kernels = sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA) / steps
+    return {"ms": seconds * 1000, "ops": sum(top.values()) / steps, "syncs": syncs, "launches": launches,
+            "kernels": kernels, "top": {k: v / steps for k, v in top.items()}, "ranges": by_range}
 
 
 def is_operator(event) -> bool:
@@ -133,6 +150,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=12, help="operators listed by extra calls")
     parser.add_argument("--compile", action="store_true", help="also the cached arm with D and score head compiled")
     parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode of that arm: 'reduce-overhead' is CUDA graphs, pretraining's CUDA default")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
 
@@ -148,8 +167,8 @@ def main(argv=None) -> None:
     if args.compile:
         for handle in labels:  # ranges opened in hooks do not survive tracing
             handle.remove()
-        model.discriminator.compile(backend=args.compile_backend)
-        model.mask_generator.score_head.compile(backend=args.compile_backend)
+        model.discriminator.compile(backend=args.compile_backend, mode=args.compile_mode)
+        model.mask_generator.score_head.compile(backend=args.compile_backend, mode=args.compile_mode)
         start = time.perf_counter()
         cached_arm()  # compiles
         print(f"compiling D and the score head ({args.compile_backend}): {time.perf_counter() - start:.0f} s")
@@ -157,10 +176,15 @@ def main(argv=None) -> None:
 
     print(f"{args.size}, batch {args.batch_size}, {args.device}{', bf16' if args.bf16 else ''}, torch "
           f"{torch.__version__}; per iteration, {args.steps} profiled after 2 warm-up")
-    print("\n| arm | ms | / MAE | operator calls | extra calls | host syncs |\n|---|---|---|---|---|---|")
+    if not args.device.startswith("cuda"):
+        print("kernel launches: not measurable on the CPU (no kernels are launched); operator calls stand in")
+    print("\n| arm | ms | / MAE | operator calls | extra calls | kernel launches | GPU kernels | host syncs |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, arm in arms.items():
+        launches = f"{arm['launches']:.0f}" if arm["launches"] is not None else "-"
+        kernels = f"{arm['kernels']:.0f}" if arm["kernels"] is not None else "-"
         print(f"| {name} | {arm['ms']:.1f} | {arm['ms'] / mae['ms']:.3f} | {arm['ops']:.0f} | "
-              f"{arm['ops'] - mae['ops']:+.0f} | {arm['syncs']:.0f} |")
+              f"{arm['ops'] - mae['ops']:+.0f} | {launches} | {kernels} | {arm['syncs']:.0f} |")
     print("\n| range | MAE ms | MAE ops | cached ms | cached ops |\n|---|---|---|---|---|")
     for phase in ("forward", "backward", "optimizer"):
         m, c = mae["ranges"][f"phase: MAE {phase}"], cached["ranges"][f"phase: student {phase}"]

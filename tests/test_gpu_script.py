@@ -42,7 +42,7 @@ def test_default_mode_speed_loop_and_loader(tmp_path):
     result = run_script(tmp_path, SIZES="tiny", BATCHES=8, STEPS=2, PROFILE_SIZE="tiny", PROFILE_BATCH=8,
                         PROFILE_STEPS=1, LOOP_CONFIG=TINY, LOOP_IMAGE_SIZE=32,
                         LOOP_SOURCE_SIZE=40, LOOP_IMAGES=32, LOOP_BATCH=8, LOOP_STEPS=4, LOOP_LOGGING_STEPS=1,
-                        LOOP_WORKERS=1, LOOP_SPEED_SIZE="tiny",
+                        LOOP_WORKERS=1, LOOP_SPEED_SIZE="tiny", LOOP_COMPILE_BACKEND="aot_eager",
                         LOADER_ARGS="--images 16 --workers 1 --batch_size 8 --size 32 --source_size 40 --epochs 1 "
                                     "--sources arrow")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -53,12 +53,18 @@ def test_default_mode_speed_loop_and_loader(tmp_path):
     assert set(profile) == {"args", "MAE", "AutoMAE cached", "AutoMAE cached, D + score head compiled"}
     assert profile["AutoMAE cached"]["ops"] > profile["AutoMAE cached, D + score head compiled"]["ops"]
     loop = json.loads((out / "loop.json").read_text())["arms"]
-    assert set(loop) == {"MAE", "AutoMAE", "AutoMAE cached"}
+    assert set(loop) == {"MAE", "AutoMAE", "AutoMAE cached", "AutoMAE cached, compiled"}
+    assert all(row["compile_seconds"] is not None for row in loop.values())
     for arm, row in loop.items():
         assert len(row["windows_images_per_s"]) == 4, arm  # every step logged: all three runs finished
         assert row["loop_images_per_s"] > 0 and row["model_images_per_s"] > 0 and row["loop_over_model"] > 0, arm
     summary = (out / "summary.txt").read_text()
     assert "failed" not in summary and "loop AutoMAE cached" in summary and "cores per GPU" in summary
+    assert "kernel launches: not measurable on the CPU" in summary
+    per_arm = summary.split("per arm |", 1)[1].splitlines()[1:5]  # loop, model, compile s, launches (CPU: op calls)
+    assert [line.split("|")[0].strip() for line in per_arm] == list(loop)
+    launches = {line.split("|")[0].strip(): line.split("|")[4].strip() for line in per_arm}
+    assert launches["AutoMAE"] == "-" and all(launches[name] != "-" for name in launches if name != "AutoMAE")
     assert json.loads((out / "loader.json").read_text())["per_core_rate"] > 0
     assert not list(tmp_path.glob("automae-gpu.*"))  # the scratch folder (JPEGs, teacher, runs) is gone
 
