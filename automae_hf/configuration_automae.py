@@ -43,6 +43,7 @@ NORMALIZATION_FIELDS = ("image_mean", "image_std", "teacher_image_mean", "teache
 
 # What the discriminator reads: "none", the probabilities as the reference (entries ~1/L); "num_patches", L times them.
 DISCRIMINATOR_INPUT_SCALES = ("none", "num_patches")
+DISCRIMINATOR_READS = ("gumbel_sample", "probabilities")
 
 
 # Every Auto class one folder loads with, written into the config so that `trust_remote_code` works through each
@@ -65,7 +66,7 @@ AUTOMAE_PRESETS = {
     # The released code's settings, which are also the config's defaults.
     "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
                       box_prior_alpha=0.5, attention_normalization="none", score_scale=1.0, score_head_init="default",
-                      score_head_lr_scale=1.0, discriminator_input_scale="none"),
+                      score_head_lr_scale=1.0, discriminator_input_scale="none", discriminator_reads="gumbel_sample"),
     # The scores drive the mask from the first step: standardised teacher maps, a head that starts as their mean, and
     # scores three times wider, against the reference's unchanged Gumbel noise; the chosen top-K's noise is raised by
     # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always. Chosen by measurement
@@ -207,6 +208,16 @@ class AutoMAEConfig(PreTrainedConfig):
             are about 1/L; its spectrally normalised, bias-free convs then keep every score well below the target 1.
             `"num_patches"`: the distributions times L (a uniform map is all ones), so that its scores can reach the
             least-squares targets 1 and 0 (docs/method.md §8).
+        teacher_outlier_norm_factor (`float`, *optional*):
+            `None` (the reference) reads the teacher's CLS attention over every patch. A number: patch tokens whose
+            norm entering the teacher's last block exceeds this multiple of the image's median (the high-norm
+            artefact tokens of ViTs trained without registers) are left out of the softmax and their cells set to
+            the head's median (docs/method.md §8).
+        discriminator_reads (`str`, defaults to `"gumbel_sample"`):
+            The generated maps D judges, in its step and in the generator loss. `"gumbel_sample"` (the reference):
+            the tau-Gumbel-Softmax samples, far peakier than any pseudo-real map whatever the scores, so a D that can
+            learn wins outright. `"probabilities"`: the noise-free softmax of the scores, which the score head can
+            shape like a pseudo-real rectangle (docs/method.md §8).
         score_hidden_channels (`int`, defaults to 6):
             Channels of the score head's hidden convolution (6 in the reference).
         teacher_config (`dict`, *optional*):
@@ -281,6 +292,8 @@ class AutoMAEConfig(PreTrainedConfig):
     gumbel_noise_scale: float = 1.0
     box_prior_alpha: float = 0.5
     discriminator_input_scale: str = "none"
+    discriminator_reads: str = "gumbel_sample"
+    teacher_outlier_norm_factor: float | None = None
     score_hidden_channels: int = 6
     teacher_config: dict | None = None
     teacher_name_or_path: str | None = None
@@ -342,6 +355,10 @@ class AutoMAEConfig(PreTrainedConfig):
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.discriminator_input_scale in DISCRIMINATOR_INPUT_SCALES, "discriminator_input_scale",
                f"must be one of {DISCRIMINATOR_INPUT_SCALES}, got {self.discriminator_input_scale!r}")
+        _check(self.teacher_outlier_norm_factor is None or self.teacher_outlier_norm_factor > 1,
+               "teacher_outlier_norm_factor", f"must be None or a number above 1, got {self.teacher_outlier_norm_factor!r}")
+        _check(self.discriminator_reads in DISCRIMINATOR_READS, "discriminator_reads",
+               f"must be one of {DISCRIMINATOR_READS}, got {self.discriminator_reads!r}")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
         strategies = tuple(MASKING_STRATEGY_REGISTRY)  # read at call time: strategies registered later count too

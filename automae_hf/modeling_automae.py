@@ -739,7 +739,8 @@ class AutoMAEMaskGenerator(PreTrainedModel):
             )
         patch = self.config.patch_size if isinstance(self.config.patch_size, int) else self.config.patch_size[0]
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        attention = teacher_cls_attention(self.teacher, self.teacher_input(pixel_values, grid))
+        attention = teacher_cls_attention(self.teacher, self.teacher_input(pixel_values, grid),
+                                          self.config.teacher_outlier_norm_factor)
         self._warn_if_coarser_than(tuple(attention.shape[-2:]), grid, patch)
         return resize_attention(attention, grid)
 
@@ -965,7 +966,7 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         was_training = self.vit.training
         self.vit.eval()
         try:
-            return teacher_cls_attention(self.vit, pixel_values).float()
+            return teacher_cls_attention(self.vit, pixel_values, self.config.teacher_outlier_norm_factor).float()
         finally:
             self.vit.train(was_training)
 
@@ -1134,7 +1135,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if self.discriminator is None:
             generator_loss, loss = None, reconstruction_loss
         else:
-            scores = self.discriminator(sampled.mask_probs, freeze_weights=True, grid_size=grid)
+            scores = self.discriminator(self.judged_maps(sampled.mask_probs, sampled.mask_logits), freeze_weights=True,
+                                        grid_size=grid)
             generator_loss = ((scores - 1) ** 2).mean()
             loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
         output = AutoMAEForPreTrainingOutput(
@@ -1152,6 +1154,11 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             box_patches=box_patches,
         )
         return output if return_dict else output.to_tuple()
+
+    def judged_maps(self, mask_probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` generated maps D judges: the Gumbel-Softmax sample (reference) or the scores' own softmax
+        (`config.discriminator_reads`); `mask_logits` are log-probabilities."""
+        return mask_probs if self.config.discriminator_reads == "gumbel_sample" else mask_logits.exp()
 
     # ---- the discriminator step ------------------------------------------------------------------------------
     def discriminator_loss(

@@ -140,13 +140,17 @@ def _last_layer_parts(layer):
 
 
 @torch.no_grad()
-def teacher_cls_attention(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
+def teacher_cls_attention(teacher, pixel_values: torch.Tensor, outlier_norm_factor: float | None = None) -> torch.Tensor:
     """Post-softmax attention of the last block, CLS query over the patch keys, every head a channel.
 
     Args:
         teacher: a `ViTMAEModel`, `ViTModel` or `Dinov2Model`, or an `AutoMAEModel` (the student itself, for
             teacher-free training; no gradient flows either way).
         pixel_values: `[B, C, H, W]` images, normalised as for the teacher.
+        outlier_norm_factor: `None` keeps every token (the reference). Otherwise a patch token whose norm entering
+            the last block exceeds this multiple of the image's median patch-token norm (the high-norm artefact
+            tokens of ViTs trained without registers) is left out of the softmax, and its cells take the median of
+            the head's other cells.
     Returns:
         `[B, heads, H / p, W / p]` float32 attention (rows sum to 1 over CLS + patches, so a little under 1 here).
     """
@@ -167,9 +171,28 @@ def teacher_cls_attention(teacher, pixel_values: torch.Tensor) -> torch.Tensor:
     query = query_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, h, 1, d]
     key = key_proj(normed).view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, h, T, d]
     scores = (query.float() @ key.float().transpose(-1, -2)) * head_dim**-0.5  # [B, h, 1, T]
-    attention = scores.softmax(dim=-1)[:, :, 0]
     first_patch = 1 + getattr(config, "num_register_tokens", 0)
-    return attention[:, :, first_patch:].reshape(batch, heads, grid_h, grid_w)
+    if outlier_norm_factor is None:
+        return scores.softmax(dim=-1)[:, :, 0, first_patch:].reshape(batch, heads, grid_h, grid_w)
+    norms = hidden_states[:, first_patch:].float().norm(dim=-1)  # [B, N]
+    outliers = norms > outlier_norm_factor * norms.median(dim=-1, keepdim=True).values
+    dropped = F.pad(outliers, (first_patch, 0))[:, None, None]  # [B, 1, 1, T]: CLS and registers always kept
+    attention = scores.masked_fill(dropped, float("-inf")).softmax(dim=-1)[:, :, 0, first_patch:]  # [B, h, N]
+    fill = attention.masked_fill(outliers[:, None], float("nan")).nanmedian(dim=-1, keepdim=True).values
+    attention = torch.where(outliers[:, None], fill, attention)
+    return attention.reshape(batch, heads, grid_h, grid_w)
+
+
+def outlier_token_share(teacher, pixel_values: torch.Tensor, outlier_norm_factor: float) -> torch.Tensor:
+    """`[B]` share of each image's patch tokens that `teacher_cls_attention(..., outlier_norm_factor)` leaves out."""
+    config = teacher.config
+    pixel_values = pixel_values.to(teacher.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden_states = _embed(teacher, pixel_values)
+    for layer in _layers(teacher)[:-1]:
+        output = layer(hidden_states)
+        hidden_states = output[0] if isinstance(output, tuple) else output
+    norms = hidden_states[:, 1 + getattr(config, "num_register_tokens", 0) :].float().norm(dim=-1)
+    return (norms > outlier_norm_factor * norms.median(dim=-1, keepdim=True).values).float().mean(dim=-1)
 
 
 def resize_attention(attention: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:

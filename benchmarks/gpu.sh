@@ -8,8 +8,8 @@
 #                                     # benchmarks/loader.py (images per CPU core); last, on what is left of the
 #                                     # budget, profile_step.py (the cached arm's extra operator calls, eager and
 #                                     # with D + score head compiled)
-#   bash benchmarks/gpu.sh quality    # < 8 minutes: quality.py, 2000 steps, MAE N / MAE 2N / AutoMAE / AutoMAE (self) /
-#                                     # box prior, 1 seed
+#   bash benchmarks/gpu.sh quality    # < 8 minutes (not yet measured): quality.py --data cluttered, 6000 steps, MAE N /
+#                                     # MAE 2N / AutoMAE / AutoMAE (self) / box prior, 1 seed
 #
 # At most 8 plain files go straight into $OUT (default outputs/gpu), no folders: summary.txt, speed_SIZE_bsBATCH.json,
 # profile.json, loop.json, loop.log, loader.json; quality: quality.txt, quality_report.md, quality_report.json (or
@@ -30,8 +30,9 @@
 #            the 'compiled' arm, cached + --torch_compile by region), LOOP_SPEED_SIZE (the speed.py
 #            size whose JSON holds the model-only rate: vit-b16), LOOP_TIMEOUT (150 s per arm)
 #   loader:  LOADER=0 skips it; LOADER_ARGS (--images 512 --workers 1 4)
-#   quality: QUALITY_STEPS (2000), QUALITY_SEEDS (1), QUALITY_ARMS, WORKERS (6), QUALITY_DATA (debian where Debian's
-#            dataset-fashion-mnist is installed, else subset), QUALITY_TIMEOUT (450 s), QUALITY_ARGS (more flags)
+#   quality: QUALITY_DATA (cluttered; or subset, debian), QUALITY_STEPS (6000 cluttered, else 2000), QUALITY_SEEDS
+#            (1), QUALITY_ARMS, WORKERS (6), QUALITY_TIMEOUT (450 s), QUALITY_ARGS (quality.py's flags; cluttered:
+#            --object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors 0.1,0.25 --no_finetune)
 # A CPU check of the whole script: DEVICE=cpu SETUP=0 SIZES=tiny BATCHES=8 STEPS=2 LOOP_CONFIG=... (tests/test_gpu_script.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,14 +68,19 @@ if [[ "$mode" == "probe" ]]; then
 fi
 
 if [[ "$mode" == "quality" ]]; then
-    data="${QUALITY_DATA:-}"
-    if [[ -z "$data" ]]; then
-        data=subset
-        [[ -d /usr/share/datasets/fashion-mnist ]] && data=debian
-    fi
+    data="${QUALITY_DATA:-cluttered}"
     steps="${QUALITY_STEPS:-2000}"
+    default_args=""
+    if [[ "$data" == "cluttered" ]]; then  # the CPU pilots' best setting (benchmarks/RESULTS.md), 10x their 600 steps
+        steps="${QUALITY_STEPS:-6000}"
+        default_args="--object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors 0.1,0.25 --no_finetune"
+    fi
     runs="${QUALITY_DIR:-outputs/quality_gpu}"
     folder="$runs/${data}_N${steps}"
+    if [[ "$data" == "cluttered" ]]; then  # quality.py names the folder by the clutter settings too
+        # shellcheck disable=SC2086
+        folder="$runs/$("$PYTHON" benchmarks/quality.py --data cluttered --steps "$steps" ${QUALITY_ARGS-$default_args} --print_run_folder)"
+    fi
     log="$OUT/quality.txt"
     rm -f "$folder/report.md" "$folder/report.json" "$folder/partial.json"  # never hand back an older call's report
     { date -u; versions; } | tee "$log"
@@ -83,7 +89,7 @@ if [[ "$mode" == "quality" ]]; then
     # shellcheck disable=SC2086
     timeout "${QUALITY_TIMEOUT:-450}" "$PYTHON" benchmarks/quality.py --data "$data" --steps "$steps" \
         --seeds "${QUALITY_SEEDS:-1}" --workers "${WORKERS:-6}" --output_dir "$runs" \
-        --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS:-} 2>&1 \
+        --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS-$default_args} 2>&1 \
         | tee -a "$log" || status=$?
     [[ "$status" == "0" ]] || echo "quality.py stopped (exit $status; 124: over QUALITY_TIMEOUT)" | tee -a "$log"
     # partial.json (the scores so far) only stands in for a report that was not written

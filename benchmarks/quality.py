@@ -18,7 +18,8 @@ garment (a patch is garment when at least half its pixels are non-zero) against 
 
 `--data cluttered` asks where the mask falls: on plain Fashion-MNIST the garment covers half the grid and no probe
 tells a good mask from a random one. Each garment sits at a random place on a 64-px canvas among fragments of other
-garments (`automae_hf/training/cluttered.py`; `--canvas`, `--object_scale`, `--fragments`, `--noise`), its box
+garments (`automae_hf/training/cluttered.py`; `--canvas`, `--object_scale`, `--fragments`, `--noise`,
+`--background_noise`), its box
 recorded (the box prior's oracle); the same tiny ViT at 64 px, patch 8 (8x8 grid). A validation split (1,000 images
 held out of train, never pretrained on) carries every choice: the box prior runs at each of `--box_mask_factors`
 (default 0.05, 0.1, 0.25, 0.5), the one best on validation `--select_metric` is marked, and every score is reported
@@ -435,7 +436,7 @@ def select_on_validation(validation: dict[str, dict[str, list[float]]], candidat
 
 
 METRICS = {"kNN": "knn", "linear": "linear", "kNN@10": "knn@10", "linear@10": "linear@10"}  # column -> probe key
-CLUTTER_FLAGS = ("canvas", "object_scale", "fragments", "noise", "box_mask_factors", "select_metric")
+CLUTTER_FLAGS = ("canvas", "object_scale", "fragments", "noise", "background_noise", "box_mask_factors", "select_metric")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -464,6 +465,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"cluttered: clutter fragments per canvas (default {defaults.fragments})")
     parser.add_argument("--noise", type=float, default=None,
                         help=f"cluttered: uniform pixel-noise amplitude, 0-255 (default {defaults.noise})")
+    parser.add_argument("--background_noise", type=float, default=None,
+                        help="cluttered: uniform noise amplitude, 0-255, on every pixel but the garment's "
+                             f"(default {defaults.background_noise})")
     parser.add_argument("--box_mask_factors", default=None,
                         help="cluttered: the box prior's mask_factor values swept, comma-separated (default "
                              f"{','.join(map(str, CLUTTERED_MASK_FACTORS))}); the best on validation is marked")
@@ -471,6 +475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cluttered: the validation score choices are made on (default linear)")
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                         help="probe features: the CLS token (MAE's recipe) or the mean of the patch tokens")
+    parser.add_argument("--print_run_folder", action="store_true",
+                        help="print the run folder these arguments use under --output_dir, and exit")
     parser.add_argument("--output_dir", default="outputs/quality")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="train an arm again where its folder holds a run with other arguments (default: refused)")
@@ -483,7 +489,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         if args.ablation:
             parser.error("--ablation runs on plain Fashion-MNIST; drop --data cluttered")
-        settings = {name: getattr(args, name) for name in ("canvas", "object_scale", "fragments", "noise")}
+        settings = {name: getattr(args, name) for name in ("canvas", "object_scale", "fragments", "noise", "background_noise")}
         args.clutter = ClutterSettings(**{k: v for k, v in settings.items() if v is not None})
         if args.clutter.canvas % CLUTTERED_PATCH:
             parser.error(f"--canvas must be a multiple of the patch size {CLUTTERED_PATCH}, got {args.clutter.canvas}")
@@ -519,11 +525,16 @@ def run_folder(args) -> str:
     if args.clutter is None:
         return f"{args.data}_N{args.steps}"
     c = args.clutter
-    return f"cluttered_canvas{c.canvas}_scale{c.object_scale:g}_fragments{c.fragments}_noise{c.noise:g}_N{args.steps}"
+    background = f"_background{c.background_noise:g}" if c.background_noise else ""  # keeps older folders' names
+    return (f"cluttered_canvas{c.canvas}_scale{c.object_scale:g}_fragments{c.fragments}_noise{c.noise:g}{background}"
+            f"_N{args.steps}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.print_run_folder:
+        print(run_folder(args))
+        return
     arms = args.arm_list
     from transformers.utils import logging
 

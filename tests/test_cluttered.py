@@ -63,3 +63,18 @@ def test_the_object_covers_a_minority_of_the_grid(small_arrays):
 def test_too_large_an_object_is_refused(small_arrays):
     with pytest.raises(ValueError, match="object_scale"):
         make_cluttered_splits(small_arrays, ClutterSettings(canvas=32, object_scale=2.0, validation_size=20))
+
+
+def test_background_noise_leaves_the_garments_pixels_and_box_alone(small_arrays):
+    plain = make_cluttered_splits(small_arrays, SETTINGS)
+    noisy = make_cluttered_splits(small_arrays, ClutterSettings(canvas=48, fragments=6, validation_size=20,
+                                                                background_noise=128))
+    np.testing.assert_array_equal(plain["test_boxes"], noisy["test_boxes"])
+    for image, noisy_image, (x, y, w, h), garment in zip(plain["test_images"], noisy["test_images"],
+                                                         plain["test_boxes"], small_arrays["test_images"]):
+        crop = tight_crop(garment)
+        x, y, w, h = (int(v) for v in (x, y, w, h))
+        inside = crop > 0
+        np.testing.assert_array_equal(noisy_image[y : y + h, x : x + w][inside], image[y : y + h, x : x + w][inside])
+        background = image == 0
+        assert noisy_image[background].mean() > 40  # uniform(0, 128): mean 64 where the plain canvas is empty

@@ -141,3 +141,29 @@ def test_a_scaled_discriminator_separates_box_priors_from_gumbel_samples_where_t
         torch.set_num_threads(threads)
     assert scaled["last_loss"] < 0.15 and scaled["real_accuracy"] > 0.95 and scaled["fake_accuracy"] > 0.9, scaled
     assert reference["last_loss"] > 0.3 and reference["real_accuracy"] < 0.5, reference
+
+
+# ---- what D judges ------------------------------------------------------------------------------------------------
+def test_discriminator_reads_probabilities_ignores_the_gumbel_noise_and_defaults_to_the_reference():
+    assert make_tiny_config().discriminator_reads == "gumbel_sample"
+    with pytest.raises(ValueError, match="discriminator_reads"):
+        make_tiny_config(discriminator_reads="scores")
+    torch.manual_seed(0)
+    reference = AutoMAEForPreTraining(make_tiny_config()).eval()
+    model = AutoMAEForPreTraining(make_tiny_config(discriminator_reads="probabilities")).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(2))
+    gumbels = [-torch.log(-torch.log(torch.rand(2, 64, generator=torch.Generator().manual_seed(s)))) for s in (3, 4)]
+    with torch.no_grad():
+        first, second = (model(x, noise=noise, gumbel_noise=g) for g in gumbels)
+        d_first, d_second = (model.discriminator_loss(x, gumbel_noise=g, generator=torch.Generator().manual_seed(5))
+                             for g in gumbels)
+        ref_first, ref_second = (reference(x, noise=noise, gumbel_noise=g) for g in gumbels)
+        expected = model.discriminator(first.mask_logits.exp())
+    # The judged maps are the scores' softmax: the generator loss and the D step's fakes no longer see the noise.
+    torch.testing.assert_close(first.generator_loss, ((expected - 1) ** 2).mean())
+    torch.testing.assert_close(first.generator_loss, second.generator_loss)
+    torch.testing.assert_close(d_first.fake_scores, d_second.fake_scores)
+    assert not torch.isclose(ref_first.generator_loss, ref_second.generator_loss)
+    assert torch.equal(first.mask, ref_first.mask)  # the mask itself is sampled as before

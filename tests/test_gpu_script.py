@@ -69,11 +69,13 @@ def test_default_mode_speed_loop_and_loader(tmp_path):
     assert not list(tmp_path.glob("automae-gpu.*"))  # the scratch folder (JPEGs, teacher, runs) is gone
 
 
-def test_quality_mode_out_of_time_hands_back_its_log_only(tmp_path):
-    stale = tmp_path / "quality_runs" / "subset_N2"
+@pytest.mark.parametrize("data, folder", [("subset", "subset_N2"), (
+    "cluttered", "cluttered_canvas64_scale1.5_fragments0_noise0_background160_N2")])  # the default cluttered settings
+def test_quality_mode_out_of_time_hands_back_its_log_only(tmp_path, data, folder):
+    stale = tmp_path / "quality_runs" / folder
     stale.mkdir(parents=True)
     (stale / "report.md").write_text("an older call's report")
-    result = run_script(tmp_path, "quality", QUALITY_STEPS=2, QUALITY_DATA="subset", QUALITY_TIMEOUT=2)
+    result = run_script(tmp_path, "quality", QUALITY_STEPS=2, QUALITY_DATA=data, QUALITY_TIMEOUT=2)
     assert result.returncode == 124, result.stdout[-3000:] + result.stderr[-3000:]
     assert plain_files(tmp_path / "out") == {"quality.txt"}
     assert "over QUALITY_TIMEOUT" in (tmp_path / "out" / "quality.txt").read_text()

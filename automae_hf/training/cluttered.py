@@ -27,6 +27,7 @@ class ClutterSettings:
     fragments: int = 8  # clutter: square crops of other garments, placed outside the garment's box
     fragment_size: int = 8  # pixels per side of a fragment
     noise: float = 0.0  # amplitude (0-255) of uniform per-pixel noise over the whole canvas, garment included
+    background_noise: float = 0.0  # amplitude (0-255) of uniform noise on every pixel but the garment's own
     validation_size: int = 1000  # held out of the training images
     seed: int = 0
 
@@ -55,8 +56,10 @@ def overlaps(box: tuple[int, int, int, int], x: int, y: int, size: int) -> bool:
     return x < bx + bw and bx < x + size and y < by + bh and by < y + size
 
 
-def compose(garment: np.ndarray, donors: np.ndarray, settings: ClutterSettings, rng: np.random.Generator):
-    """One canvas: -> (uint8 `[canvas, canvas]` image, xywh box of the garment's non-zero pixels)."""
+def compose(garment: np.ndarray, donors: np.ndarray, settings: ClutterSettings, rng: np.random.Generator,
+            background_rng: np.random.Generator | None = None):
+    """One canvas: -> (uint8 `[canvas, canvas]` image, xywh box of the garment's non-zero pixels). The background
+    noise comes from `background_rng` (default `rng`), so that adding it leaves places and clutter unchanged."""
     canvas = np.zeros((settings.canvas, settings.canvas), dtype=np.float32)
     crop = tight_crop(resize(tight_crop(garment), settings.object_scale))  # resizing can fade an edge row to 0
     height, width = crop.shape
@@ -75,6 +78,8 @@ def compose(garment: np.ndarray, donors: np.ndarray, settings: ClutterSettings, 
                 fragment = donor[dy : dy + size, dx : dx + size]
                 canvas[y : y + size, x : x + size] = np.maximum(canvas[y : y + size, x : x + size], fragment)
                 break
+    if settings.background_noise > 0:  # noise no context predicts, under the clutter and beside the garment
+        canvas = np.maximum(canvas, (background_rng or rng).uniform(0, settings.background_noise, size=canvas.shape))
     region = canvas[top : top + height, left : left + width]
     region[crop > 0] = crop[crop > 0]
     if settings.noise > 0:
@@ -85,11 +90,12 @@ def compose(garment: np.ndarray, donors: np.ndarray, settings: ClutterSettings, 
 def make_split(images: np.ndarray, labels: np.ndarray, settings: ClutterSettings, stream: int) -> dict:
     """Canvases for one split; every garment's clutter comes from other images of the same split."""
     rng = np.random.default_rng([settings.seed, stream])
+    background_rng = np.random.default_rng([settings.seed, stream, 1])
     out_images, out_boxes = [], []
     for index, garment in enumerate(images):
         donor_ids = rng.integers(0, len(images) - 1, size=settings.fragments)
         donor_ids = donor_ids + (donor_ids >= index)  # never the garment itself
-        image, box = compose(garment, images[donor_ids], settings, rng)
+        image, box = compose(garment, images[donor_ids], settings, rng, background_rng)
         out_images.append(image)
         out_boxes.append(box)
     return {"images": np.stack(out_images), "labels": np.asarray(labels, dtype=np.int64),
