@@ -179,6 +179,11 @@ def validate_normalization(mean, std, field: str, num_channels: int | None) -> N
     _check(all(v > 0 for v in std), std_name, f"must be > 0, got {std!r}")
 
 
+def validate_outlier_norm_factor(factor) -> None:
+    _check(factor is None or (isinstance(factor, (int, float)) and factor > 1), "teacher_outlier_norm_factor",
+           f"must be None or a number above 1, got {factor!r}")
+
+
 def validate_noise_scale(gumbel_noise_scale) -> None:
     _check(math.isfinite(gumbel_noise_scale) and gumbel_noise_scale >= 0, "gumbel_noise_scale",
            f"must be finite and >= 0, got {gumbel_noise_scale}")
@@ -355,8 +360,7 @@ class AutoMAEConfig(PreTrainedConfig):
         _check(math.isfinite(self.box_prior_alpha), "box_prior_alpha", "must be finite")
         _check(self.discriminator_input_scale in DISCRIMINATOR_INPUT_SCALES, "discriminator_input_scale",
                f"must be one of {DISCRIMINATOR_INPUT_SCALES}, got {self.discriminator_input_scale!r}")
-        _check(self.teacher_outlier_norm_factor is None or self.teacher_outlier_norm_factor > 1,
-               "teacher_outlier_norm_factor", f"must be None or a number above 1, got {self.teacher_outlier_norm_factor!r}")
+        validate_outlier_norm_factor(self.teacher_outlier_norm_factor)
         _check(self.discriminator_reads in DISCRIMINATOR_READS, "discriminator_reads",
                f"must be one of {DISCRIMINATOR_READS}, got {self.discriminator_reads!r}")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
@@ -413,6 +417,7 @@ class AutoMAEConfig(PreTrainedConfig):
             attention_normalization=self.attention_normalization,
             score_scale=self.score_scale,
             score_head_init=self.score_head_init,
+            teacher_outlier_norm_factor=self.teacher_outlier_norm_factor,
             image_mean=self.image_mean,
             image_std=self.image_std,
             teacher_image_mean=self.teacher_image_mean,
@@ -431,7 +436,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
         image_size, patch_size, num_channels: the **student's** geometry; the mask lives on its patch grid.
         mask_ratio, mask_factor, gumbel_tau, gumbel_noise_scale, score_hidden_channels, teacher_image_size,
         attention_normalization, score_scale, score_head_init, image_mean, image_std, teacher_image_mean,
-        teacher_image_std: as in [`AutoMAEConfig`].
+        teacher_image_std, teacher_outlier_norm_factor: as in [`AutoMAEConfig`].
 
     Inside `AutoMAEForPreTraining` the mask generator uses the model's `AutoMAEConfig` itself (one source of truth);
     this class is the config of a mask generator saved or built on its own.
@@ -453,6 +458,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
     attention_normalization: str = "none"
     score_scale: float = 1.0
     score_head_init: str = "default"
+    teacher_outlier_norm_factor: float | None = None
     image_mean: list | None = None
     image_std: list | None = None
     teacher_image_mean: list | None = None
@@ -479,6 +485,7 @@ class AutoMAEMaskGeneratorConfig(PreTrainedConfig):
                f"must be 'default' or 'attention', got {self.score_head_init!r}")
         validate_normalization(self.image_mean, self.image_std, "image", self.num_channels)
         validate_normalization(self.teacher_image_mean, self.teacher_image_std, "teacher_image", None)
+        validate_outlier_norm_factor(self.teacher_outlier_norm_factor)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -36,3 +36,11 @@ def test_no_outlier_no_change_and_the_default_is_the_reference(teacher):
     assert make_tiny_config().teacher_outlier_norm_factor is None
     with pytest.raises(ValueError, match="teacher_outlier_norm_factor"):
         make_tiny_config(teacher_outlier_norm_factor=0.5)
+
+
+def test_the_mask_generator_saved_alone_keeps_the_factor(tmp_path):
+    from automae_hf import AutoMAEForPreTraining, AutoMAEMaskGenerator
+
+    model = AutoMAEForPreTraining(make_tiny_config(teacher_outlier_norm_factor=4.0))
+    model.mask_generator.save_pretrained(tmp_path)
+    assert AutoMAEMaskGenerator.from_pretrained(tmp_path).config.teacher_outlier_norm_factor == 4.0
