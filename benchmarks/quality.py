@@ -64,6 +64,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from automae_hf.configuration_automae import AUTOMAE_PRESETS
 from automae_hf.training.cluttered import ClutterSettings, box_patch_share, make_cluttered_splits
 from automae_hf.training.default_job import MODEL, plan_pretraining_run  # the main job's tiny ViT
 from automae_hf.training.probes import evaluate_features, extract_features
@@ -94,14 +95,19 @@ ABLATION = {
     "noise 0": (",gumbel_noise_scale=0.0", "MAE_N"),
 }
 ABLATION_ARMS = ("MAE N", "AutoMAE", *ABLATION, "AutoMAE (self)")
+# The named presets (`AUTOMAE_PRESETS`) beside the reference, MAE N as teacher. Run with --arms.
+PRESET_ARMS = {f"AutoMAE {name}": name for name in AUTOMAE_PRESETS if name != "reference"}
 # Cluttered data: the box prior at each of `--box_mask_factors` ("box prior beta 0.1", ...), the one with the best
 # validation score (`--select_metric`) reported on test; plain data keeps the single "box prior" (mask_factor 0.5).
 BOX_PRIOR_SWEEP = "box prior beta "
 CLUTTERED_MASK_FACTORS = (0.05, 0.1, 0.25, 0.5)
 CLUTTERED_QUICK_ARMS, CLUTTERED_QUICK_MASK_FACTORS = ("MAE N", "box prior", "AutoMAE"), (0.1, 0.5)
+PICTURED_IMAGES = 6  # test images drawn per learned arm (cluttered data)
 CLUTTERED_PATCH = 8  # 64-px canvas -> 8x8 grid: about the tiny ViT's 7x7 on 28 px
+LEARNED_ARMS = ("AutoMAE", "AutoMAE (self)", *ABLATION, *DINOV2_ARMS, *PRESET_ARMS)
 TEACHER_OF = {"attention": "MAE N", "AutoMAE": "MAE N", "teacher MAE 2N": "MAE 2N",
-              **{arm: "MAE N" for arm, (_, teacher) in ABLATION.items() if teacher == "MAE_N"}}
+              **{arm: "MAE N" for arm, (_, teacher) in ABLATION.items() if teacher == "MAE_N"},
+              **{arm: "MAE N" for arm in PRESET_ARMS}}
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -206,6 +212,8 @@ def arm_arguments(arm: str, seed_dir: Path) -> tuple[list[str], str, int]:
         "attention": (["--masking", "attention", "--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE": (["--teacher_name_or_path", mae_n], "", 1),
         "AutoMAE (self)": (["--teacher_name_or_path", "self"], "", 1),
+        **{name: (["--teacher_name_or_path", mae_n, "--preset", preset], "", 1)
+           for name, preset in PRESET_ARMS.items() if name == arm},
         **{name: (["--teacher_name_or_path", str(dinov2_folder()), "--cache_teacher_attention", "--preset", preset],
                   ",teacher_image_size=match_grid" + overrides, 1)
           for name, (preset, overrides) in DINOV2_ARMS.items() if name == arm},
@@ -318,6 +326,32 @@ def foreground_focus(model_dir: Path, images: torch.Tensor, mean: float, std: fl
         result["top-K in teacher top-K"] = (learned_top.unsqueeze(2) == teacher_top_k.unsqueeze(1)).any(2).float().mean().item()
         result["chance"] = num_visible / output.mask.shape[1]
     return result
+
+
+@torch.no_grad()
+def save_cluttered_pictures(path: Path, run_dirs: dict[str, Path], images: torch.Tensor, boxes: np.ndarray, mean: float,
+                            std: float, seed: int = 0) -> Path:
+    """One PNG, one row per image `[n, 1, H, W]` (0-1): the image with its object's box (`boxes` `[n, 4]` xywh) in
+    red, then for each learned-mask run of `run_dirs` ({label: folder}) its teacher's attention, p, the sampled mask
+    and the reconstruction, titled with the label; the same seed draws every run's Gumbel noise."""
+    from automae_hf import AutoMAEForPreTraining
+    from automae_hf.training.pictures import picture_arrays, picture_columns, render_grid
+
+    pixel_values = (images - mean) / std
+    xyxy = [np.array([[x, y, x + w - 1, y + h - 1]], np.float32) for x, y, w, h in boxes]
+    columns = []
+    for label, run_dir in run_dirs.items():
+        model = AutoMAEForPreTraining.from_pretrained(run_dir).eval()
+        if model.config.masking != "learned":
+            raise ValueError(f"{run_dir}: pictures are drawn for learned masks, got masking={model.config.masking!r}")
+        output = model(pixel_values, teacher_attention=model.teacher_attention(pixel_values),
+                       generator=torch.Generator().manual_seed(seed))
+        arm_columns = picture_columns(picture_arrays(model, pixel_values, output, [mean], [std]), "learned", xyxy)
+        columns += ([arm_columns[0]] if not columns else []) + [
+            column._replace(title=f"{label}: {column.title}") for column in arm_columns[1:]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_grid(columns).save(path)
+    return path
 
 
 def features_of(model_dir: Path, images: torch.Tensor, mean: float, std: float, pooling: str = "cls"):
@@ -509,9 +543,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.mask_factors = args.mask_factors if args.box_mask_factors else CLUTTERED_QUICK_MASK_FACTORS
     if args.arms:
         chosen = [arm.strip() for arm in args.arms.split(",")]
-        unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION, *DINOV2_ARMS)]
+        unknown = [arm for arm in chosen if arm not in (*ARMS, *ABLATION, *DINOV2_ARMS, *PRESET_ARMS)]
         if unknown:
-            parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION, *DINOV2_ARMS]}")
+            parser.error(f"--arms: unknown {unknown}; expected among {[*ARMS, *ABLATION, *DINOV2_ARMS, *PRESET_ARMS]}")
         arms = chosen
     if args.mask_factors and "box prior" in arms:  # the sweep stands in for the single box prior
         at = arms.index("box prior")
@@ -623,6 +657,12 @@ def main(argv=None) -> None:
                                                            "clutter": args.clutter and args.clutter.fingerprint()},
                                                           indent=1))
     print(report)
+    learned = {arm: encoders[0][arm] for arm in arms if arm in LEARNED_ARMS}
+    if args.clutter is not None and learned:  # where each learned arm puts its masks, on the first test images
+        test_x = evaluated["test"][0][:PICTURED_IMAGES]
+        path = save_cluttered_pictures(output_dir / "pictures_seed0.png", learned, test_x,
+                                       test_boxes[:PICTURED_IMAGES], mean, std)
+        print(f"pictures: {path}")
 
 
 # ---- report -----------------------------------------------------------------------------------------------------

@@ -116,3 +116,28 @@ def test_quick_keeps_the_cluttered_smoke_test_small():
     assert args.arm_list == ["MAE N", "box prior beta 0.1", "box prior beta 0.5", "AutoMAE"] and args.steps == 20
     assert quality.parse_args(["--data", "cluttered", "--quick", "--box_mask_factors", "0.25"]).arm_list[1] == \
         "box prior beta 0.25"
+
+
+def test_pictures_outline_the_box_and_show_each_learned_arm_side_by_side(arrays, tmp_path):
+    """One row per image; the image column once (its box outlined in red), then each arm's four columns: the PNG's
+    width grows by exactly four tiles per arm, and a box-prior run is refused (it has no learned scores)."""
+    from PIL import Image
+
+    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="learned", teacher_name_or_path=None)
+    AutoMAEForPreTraining(config).save_pretrained(tmp_path / "learned")
+    images = torch.tensor(arrays["test_images"][:3]).float().unsqueeze(1) / 255
+    boxes = arrays["test_boxes"][:3]
+    one = Image.open(quality.save_cluttered_pictures(tmp_path / "one.png", {"a": tmp_path / "learned"}, images,
+                                                     boxes, 0.5, 0.5))
+    two = Image.open(quality.save_cluttered_pictures(tmp_path / "two.png", {"a": tmp_path / "learned",
+                                                                            "b": tmp_path / "learned"},
+                                                     images, boxes, 0.5, 0.5))
+    tile = (two.width - one.width) / 4  # tile + separator, scaled
+    assert tile > 0 and one.width == pytest.approx(5 * tile, abs=tile)  # image + 4 columns (less one separator)
+    pixels = np.asarray(two.convert("RGB"))
+    assert ((pixels[..., 0] == 255) & (pixels[..., 1] == 0) & (pixels[..., 2] == 0)).any()  # the red box
+
+    box_config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior")
+    AutoMAEForPreTraining(box_config).save_pretrained(tmp_path / "box")
+    with pytest.raises(ValueError, match="learned masks"):
+        quality.save_cluttered_pictures(tmp_path / "box.png", {"box": tmp_path / "box"}, images, boxes, 0.5, 0.5)
