@@ -10,10 +10,12 @@ DataLoader that `training/pretrain.py` builds (`build_training_data`: persistent
 Arms:
   in process        `dataset[i]` in a loop, one thread: decode alone and decode + augmentation, per image
   imagefolder / arrow, W workers
-                    one epoch at a time through the loader (after an untimed first epoch that starts the workers):
-                    images/s of wall time, images per worker-CPU-second (what one core sustains, the figure to divide
-                    a GPU's images/s by) and the main process's CPU time per batch; imagefolder reads the files,
-                    arrow the same bytes from a `save_to_disk` folder
+                    epoch after epoch through the loader, as pretraining reads it (one iterator over the run, cut into
+                    epochs: `RunBatches`), the first epoch untimed (it starts the workers): images/s of wall time,
+                    images per worker-CPU-second (what one core sustains, the figure to divide a GPU's images/s by),
+                    the main process's CPU time per batch, and the wait for each epoch's first batch against the
+                    others' (the epoch boundary); imagefolder reads the files, arrow the same bytes from a
+                    `save_to_disk` folder
   synthetic tensors, W workers
                     the same DataLoader and collate over ready-made `[3, 224, 224]` tensors: what moving batches costs
                     when decoding is free (the loader's own ceiling, and the main process's share per step)
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -98,44 +101,55 @@ def cpu_seconds(pids) -> float:
     return total
 
 
-def build_loader(source: dict, size: int, batch_size: int, workers: int, cache_dir: Path):
-    """(dataset, DataLoader) exactly as `training/pretrain.py` builds them, with a stand-in model."""
+def build_loader(source: dict, size: int, batch_size: int, workers: int, cache_dir: Path, epochs: int = 1):
+    """(dataset, `RunBatches` over `epochs` epochs): the DataLoader exactly as `training/pretrain.py` builds it, with
+    a stand-in model."""
     from automae_hf.training import pretraining
-    from automae_hf.training.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from automae_hf.training.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RunBatches
 
     parser = pretraining.build_parser()
     where = (["--train_dir", str(source["train_dir"])] if "train_dir" in source
              else ["--dataset_name", str(source["dataset_name"])])
     args = parser.parse_args(where + ["--output_dir", str(cache_dir / "unused"), "--cache_dir", str(cache_dir),
                                       "--per_device_train_batch_size", str(batch_size),
-                                      "--dataloader_num_workers", str(workers)])
+                                      "--dataloader_num_workers", str(workers), "--num_train_epochs", str(epochs)])
     model = SimpleNamespace(config=SimpleNamespace(image_size=size, num_channels=3, masking="random"))
-    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext)
-    dataset, loader, _ = pretraining.build_training_data(args, parser, accelerator, model, "none",
-                                                         IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return dataset, loader
+    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext, num_processes=1)
+    data = pretraining.build_training_data(args, parser, accelerator, model, "none", IMAGENET_DEFAULT_MEAN,
+                                           IMAGENET_DEFAULT_STD)
+    return data.dataset, RunBatches(data.loader, data.sampler)
 
 
-def time_epochs(dataset, loader, epochs: int) -> dict:
-    """One untimed epoch (starts the persistent workers), then `epochs` timed ones."""
-    images = batches = 0
+def time_epochs(batches, epochs: int) -> dict:
+    """`batches`: a `RunBatches`. One untimed epoch (starts the persistent workers), then `epochs` timed ones; each
+    epoch's first batch's wait kept apart from the others', so the epoch boundary shows."""
+    images = 0
+    first_waits, other_waits = [], []
     for epoch in range(epochs + 1):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
         if epoch == 1:
-            pids = [worker.pid for worker in loader._iterator._workers]  # persistent: the same processes from now on
+            workers = batches.loader._iterator._workers  # private, but the one place that names the processes
+            pids = [worker.pid for worker in workers]  # persistent: the same processes from now on
             wall, main_cpu, worker_cpu = time.perf_counter(), time.process_time(), cpu_seconds(pids)
-        for batch in loader:
+        iterator = batches.epoch(epoch)
+        for position in itertools.count():
+            waited = time.perf_counter()
+            batch = next(iterator, None)
+            waited = time.perf_counter() - waited
+            if batch is None:
+                break
             if epoch:
+                (first_waits if position == 0 else other_waits).append(1000 * waited)
                 images += batch["pixel_values"].shape[0]
-                batches += 1
     wall, main_cpu = time.perf_counter() - wall, time.process_time() - main_cpu
     worker_cpu = cpu_seconds(pids) - worker_cpu
+    count = len(first_waits) + len(other_waits)
     # The OS counts CPU time in ticks (10 ms): too few of them and there is no per-core rate to give.
     per_core = images / worker_cpu if worker_cpu >= 0.1 else None
-    return {"images": images, "batches": batches, "wall_s": wall, "images_per_s": images / wall,
-            "images_per_worker_cpu_s": per_core, "worker_cpu_ms_per_batch": 1000 * worker_cpu / batches,
-            "main_cpu_ms_per_batch": 1000 * main_cpu / batches}
+    return {"images": images, "batches": count, "wall_s": wall, "images_per_s": images / wall,
+            "images_per_worker_cpu_s": per_core, "worker_cpu_ms_per_batch": 1000 * worker_cpu / count,
+            "main_cpu_ms_per_batch": 1000 * main_cpu / count,
+            "epoch_first_batch_wait_ms": statistics.mean(first_waits),
+            "other_batch_wait_ms": statistics.mean(other_waits) if other_waits else None}
 
 
 def in_process(dataset, count: int) -> dict:
@@ -159,7 +173,8 @@ def in_process(dataset, count: int) -> dict:
 
 
 class SyntheticImages:
-    """Ready-made pixels: what the loader costs when decoding and augmentation are free."""
+    """Ready-made pixels: what the loader costs when decoding and augmentation are free. Keys as pretraining's data
+    set takes them: `(epoch, index)`."""
 
     def __init__(self, count: int, size: int):
         import torch
@@ -169,7 +184,7 @@ class SyntheticImages:
     def __len__(self):
         return self.count
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
         return {"pixel_values": self.pixels, "skipped": 0}
 
 
@@ -189,15 +204,16 @@ def collate_in_shared_memory(examples):
 def synthetic(size: int, batch_size: int, workers: int, batches: int, epochs: int, shared: bool = False) -> dict:
     import torch
 
-    from automae_hf.training.data import collate
+    from automae_hf.training.data import EpochSpanningSampler, RunBatches, collate
 
     dataset = SyntheticImages(batch_size * batches, size)
-    # The kwargs of `build_training_data`: persistent workers, prefetch 4, its collate.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_in_shared_memory if shared else collate,
-                                         persistent_workers=True, prefetch_factor=4, shuffle=True,
+    sampler = EpochSpanningSampler(len(dataset), batch_size, 1, seed=0, num_epochs=epochs + 1)
+    # The kwargs of `build_training_data`: the run's sampler, persistent workers, prefetch 4, its collate.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=sampler,
+                                         drop_last=True, collate_fn=collate_in_shared_memory if shared else collate,
+                                         persistent_workers=True, prefetch_factor=4,
                                          pin_memory=torch.cuda.is_available())
-    result = time_epochs(dataset, loader, epochs)
+    result = time_epochs(RunBatches(loader, sampler), epochs)
     result["ms_per_batch"] = 1000 * result["wall_s"] / result["batches"]
     del loader
     return result
@@ -261,9 +277,10 @@ def main(argv=None) -> None:
             figures["in_process"][f"photos ({len(photo_set)} files)"] = in_process(dataset, max(args.images, 100))
         for name in args.sources:
             for workers in args.workers:
-                dataset, loader = build_loader(sources[name], args.size, args.batch_size, workers, workdir / "cache")
-                figures["loader"][f"{name}, {workers} worker(s)"] = time_epochs(dataset, loader, args.epochs)
-                del loader
+                _, batches = build_loader(sources[name], args.size, args.batch_size, workers, workdir / "cache",
+                                          epochs=args.epochs + 1)
+                figures["loader"][f"{name}, {workers} worker(s)"] = time_epochs(batches, args.epochs)
+                del batches
         for workers in args.workers:
             figures["synthetic"][f"{workers} worker(s)"] = synthetic(args.size, args.batch_size, workers, 4, args.epochs)
         figures["synthetic"]["1 worker(s), stacked in shared memory"] = synthetic(args.size, args.batch_size, 1, 4,
@@ -292,11 +309,12 @@ def report(figures: dict, gpu_rates) -> None:
     for name, row in figures["loader"].items():
         rate = row["images_per_worker_cpu_s"]
         print(f"  {name:28s} {row['images_per_s']:6.0f} images/s wall, {f'{rate:6.0f}' if rate else '     -'} per "
-              f"worker-CPU-second; main process {row['main_cpu_ms_per_batch']:6.1f} ms CPU per batch")
+              f"worker-CPU-second; main process {row['main_cpu_ms_per_batch']:6.1f} ms CPU per batch; "
+              f"{epoch_boundary(row)}")
     for name, row in figures["synthetic"].items():
         print(f"  synthetic tensors, {name}: {row['ms_per_batch']:.1f} ms per batch wall ("
               f"{row['images_per_s']:.0f} images/s), workers {row['worker_cpu_ms_per_batch']:.1f} ms CPU per batch, "
-              f"main process {row['main_cpu_ms_per_batch']:.1f} ms CPU per batch")
+              f"main process {row['main_cpu_ms_per_batch']:.1f} ms CPU per batch; {epoch_boundary(row)}")
     measured = [row["images_per_worker_cpu_s"] for row in figures["loader"].values() if row["images_per_worker_cpu_s"]]
     per_core = min(measured) if measured else figures["in_process"]["generated"]["images_per_cpu_s"]
     figures["per_core_rate"] = per_core
@@ -305,6 +323,14 @@ def report(figures: dict, gpu_rates) -> None:
     print(f"loader cores per GPU at {per_core:.0f} images per core-second ({where}): " + ", ".join(
         f"{rate:.0f} images/s -> {rate / per_core:.1f} cores" for rate in gpu_rates))
     print(f"({figures['seconds']:.0f} s)")
+
+
+def epoch_boundary(row: dict) -> str:
+    """The wait for an epoch's first batch beside the others' (mean ms): about equal when the next epoch was already
+    loading as the last one ended."""
+    others = row["other_batch_wait_ms"]
+    return (f"wait {row['epoch_first_batch_wait_ms']:.1f} ms for an epoch's first batch, "
+            f"{'-' if others is None else f'{others:.1f}'} ms for the others")
 
 
 def cpu_name() -> str:

@@ -1,5 +1,5 @@
 """Pretraining runs that do what was asked or refuse: the warm-up, reused output folders and resumes, non-finite
-losses, full batches, the logged mask entropy and metrics over processes (in process, tiny data, seconds each)."""
+losses, full batches, epochs under gradient accumulation, the logged mask entropy and metrics over processes (in process, tiny data, seconds each)."""
 
 from __future__ import annotations
 
@@ -121,6 +121,21 @@ def test_batches_are_full(data, tmp_path, capsys):
     """drop_last, as MAE: 20 images in batches of 8 are 2 steps per epoch, the last 4 images wait for the next."""
     printed = pretrain_in_process(without(mae(data, tmp_path, 1, "--num_train_epochs", 1), "--max_train_steps"), capsys)
     assert "Done: 2 steps" in printed
+
+
+def test_an_epochs_last_micro_batch_ends_an_optimizer_step(data, tmp_path, capsys):
+    """20 images in batches of 4, accumulating 2: an epoch's 5 micro-batches make steps of 2, 2 and 1, and the next
+    epoch starts a step of its own, though one loader iterator spans the epochs; a run resumed mid-epoch (step 2,
+    before the short step) ends with the same weights."""
+    from conftest import load_weights
+
+    accumulate = ("--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--dataloader_num_workers", 1)
+    pretrain_in_process(mae(data, tmp_path / "full", 5, *accumulate, "--checkpointing_steps", 2), capsys)
+    assert [row["epoch"] for row in log_rows(tmp_path / "full")] == [0, 0, 0, 1, 1]
+    pretrain_in_process(mae(data, tmp_path / "resumed", 5, *accumulate, "--checkpointing_steps", 2,
+                            "--resume_from_checkpoint", tmp_path / "full" / "checkpoints" / "step_2"), capsys)
+    expected, got = load_weights(tmp_path / "full"), load_weights(tmp_path / "resumed")
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
 def test_mask_entropy_is_the_score_heads_distribution_not_the_gumbel_sample(data, tmp_path, capsys):

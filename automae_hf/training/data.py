@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
 import math
 import os
@@ -328,9 +329,11 @@ def add_teacher_attention(hf_data, column, mode, size, mean, std, teacher_attent
 
 
 class EpochDataset(torch.utils.data.Dataset):
-    """A map-style data set of `data` whose augmentation depends on the epoch. The epoch lives in a shared tensor (not a
-    multiprocessing.Value: it survives fork, spawn, pickling and deepcopy), so `set_epoch` in the main process reaches
-    the copies inside persistent DataLoader workers, which read it per item."""
+    """A map-style data set of `data` whose augmentation depends on the epoch. An item is asked for as
+    `dataset[(epoch, index)]` (the keys of `EpochSpanningSampler`: the epoch travels with the index, so workers that
+    run ahead into the next epoch augment for that epoch) or as `dataset[index]`, in the epoch of `set_epoch`. That
+    epoch lives in a shared tensor (not a multiprocessing.Value: it survives fork, spawn, pickling and deepcopy), so
+    `set_epoch` in the main process reaches the copies inside persistent DataLoader workers, which read it per item."""
 
     def __init__(self, data):
         self.data = data
@@ -346,12 +349,94 @@ class EpochDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
 
+    def epoch_and_index(self, key) -> tuple[int, int]:
+        """`(epoch, index)` -> itself; `index` -> (the epoch of `set_epoch`, index)."""
+        if isinstance(key, tuple):
+            epoch, index = key
+            return int(epoch), int(index)
+        return self.epoch, int(key)
+
+
+class EpochSpanningSampler(torch.utils.data.Sampler):
+    """The keys of a whole run for one DataLoader iterator: `(epoch, index)` pairs, epoch after epoch.
+
+    Why one iterator: torch's DataLoader hands even persistent workers the next epoch's indices only when that epoch's
+    iterator starts, so the first batches of every epoch waited for the workers. Over this sampler the workers run
+    into epoch e + 1 while the loop finishes epoch e; the loop cuts the run into epochs (`RunBatches`).
+
+    Epoch e's order is `torch.randperm(num_items)` from a generator seeded with `seed + e`: the order accelerate's
+    `SeedableRandomSampler` (a shuffled DataLoader prepared with `use_seedable_sampler`) gave each epoch, a function
+    of (seed, epoch) alone. Each epoch is cut to `items_per_epoch`: whole global batches (`batch_size` x
+    `num_processes`), so every epoch starts a new batch on every process and accelerate's `BatchSamplerShard` deals
+    process p the same batches as it did per epoch (drop_last, as MAE). `set_epoch(e)`: iteration starts at epoch e
+    (a resumed run); accelerate's DataLoaderShard calls it with its own epoch count when iteration starts."""
+
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, seed: int, num_epochs: int):
+        self.num_items, self.seed, self.num_epochs = num_items, seed, num_epochs
+        self.batches_per_epoch = num_items // (batch_size * num_processes)  # per process
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_items} items make no batch of {batch_size} on each of {num_processes} processes")
+        self.items_per_epoch = self.batches_per_epoch * batch_size * num_processes
+        self.start_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.start_epoch = int(epoch)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The indices of `epoch`, in order, cut to `items_per_epoch`."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_items, generator=generator)[: self.items_per_epoch].tolist()
+
+    def __iter__(self):
+        for epoch in range(self.start_epoch, self.num_epochs):
+            for index in self.epoch_order(epoch):
+                yield epoch, index
+
+    def __len__(self) -> int:
+        return max(self.num_epochs - self.start_epoch, 0) * self.items_per_epoch
+
+
+class RunBatches:
+    """One iterator over a DataLoader whose sampler is an `EpochSpanningSampler`, handed out an epoch at a time:
+    `epoch(e)` -> the batches of epoch e, while the workers already load epoch e + 1's first ones.
+
+    `start_epoch` and `skip_batches` (this process's batches of the start epoch already trained on) place a resumed
+    run where the uninterrupted one was: the sampler starts at the epoch and accelerate's `skip_first_batches` drops
+    the first batches by index, before any is loaded. `loader`: a plain DataLoader or one prepared by accelerate."""
+
+    def __init__(self, loader, sampler: EpochSpanningSampler, start_epoch: int = 0, skip_batches: int = 0):
+        from accelerate import skip_first_batches
+
+        if not 0 <= skip_batches < sampler.batches_per_epoch:
+            raise ValueError(f"skip_batches {skip_batches}: an epoch has {sampler.batches_per_epoch} batches")
+        sampler.set_epoch(start_epoch)
+        if hasattr(loader, "set_epoch"):  # accelerate's DataLoaderShard sets its own epoch count on the sampler
+            loader.set_epoch(start_epoch)  # when iteration starts: the same one
+        self.loader = skip_first_batches(loader, skip_batches) if skip_batches else loader
+        self.batches_per_epoch = sampler.batches_per_epoch
+        self.start_epoch, self.skip_batches = start_epoch, skip_batches
+        self.next_epoch = start_epoch
+        self._iterator = None  # made on the first epoch asked for: a plain DataLoader starts its workers in iter()
+
+    def batches_in(self, epoch: int) -> int:
+        """How many batches `epoch(epoch)` yields on this process."""
+        return self.batches_per_epoch - (self.skip_batches if epoch == self.start_epoch else 0)
+
+    def epoch(self, epoch: int):
+        """-> an iterator over the batches of `epoch`; epochs must be asked for in order, each once."""
+        if epoch != self.next_epoch:
+            raise ValueError(f"epoch {epoch} asked for, the loader is at epoch {self.next_epoch}")
+        self.next_epoch += 1
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        return itertools.islice(self._iterator, self.batches_in(epoch))
+
 
 class MapImageDataset(EpochDataset):
     """Decodes and augments in the DataLoader workers. A corrupt item is replaced by the next decodable one (batch
     sizes stay equal across DDP ranks) and counted. Augmentation is a function of (seed, epoch, index), so a resumed
-    run sees exactly the same pixels as an uninterrupted one. The epoch lives in shared memory: `set_epoch` in the main
-    process reaches the copies inside persistent DataLoader workers, which read it per item."""
+    run sees exactly the same pixels as an uninterrupted one. The epoch comes with the key (`(epoch, index)`, from
+    `EpochSpanningSampler`) or, for a plain index, from `set_epoch` (`EpochDataset`)."""
 
     def __init__(self, hf_dataset, column: str, size: int, mean, std, mode: str, seed: int,
                  box_column: str | None = None, box_format: str = "xywh", backend: str = "auto"):
@@ -361,7 +446,9 @@ class MapImageDataset(EpochDataset):
         self.mean, self.std = mean, std  # None: uint8 pixels, normalised on the device (`normalize_pixels`)
         self.backend = resolve_backend(backend)  # here, not in each worker: they inherit the imported torchvision
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """key: `(epoch, index)` or `index` (`EpochDataset.epoch_and_index`)."""
+        epoch, index = self.epoch_and_index(key)
         skipped = 0
         for attempt in range(min(len(self.data), 64)):
             j = (index + attempt) % len(self.data)
@@ -374,7 +461,7 @@ class MapImageDataset(EpochDataset):
                 skipped += 1
                 logger.warning("Skipping undecodable image at index %d: %s", j, one_line(error))
                 continue
-            out = augment(image, self.size, self.mean, self.std, np.random.default_rng([self.seed, self.epoch, j]),
+            out = augment(image, self.size, self.mean, self.std, np.random.default_rng([self.seed, epoch, j]),
                           boxes=boxes, attention=example.get("teacher_attention"), backend=self.backend)
             item = {"pixel_values": out["pixel_values"], "skipped": skipped}
             if boxes is not None:

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -55,7 +55,9 @@ from .checkpointing import (
 from .data import (
     DATA_BOX_FORMATS,
     IMAGE_COLUMN_CANDIDATES,
+    EpochSpanningSampler,
     MapImageDataset,
+    RunBatches,
     add_teacher_attention,
     collate,
     default_image_processor,
@@ -422,9 +424,9 @@ def make_accelerator(args):
     kwargs = dict(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # Streaming: every process reads its own batches (undecodable images make them uneven).
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                  dispatch_batches=False if args.streaming else None),
+        # Streaming: every process reads its own batches (undecodable images make them uneven). No seedable sampler:
+        # map-style data is ordered by `EpochSpanningSampler`, seeded per epoch already.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False if args.streaming else None),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     if args.mixed_precision is not None:
@@ -472,9 +474,19 @@ def image_processor_for(args, parser, config):
     return processor, per_channel(processor.image_mean), per_channel(processor.image_std)
 
 
-def build_training_data(args, parser, accelerator, model, teacher_mode, mean, std):
-    """-> (the training data set, its DataLoader). Map-style sets decode and augment in the loader's workers;
-    `--cache_teacher_attention` first adds the teacher's maps of every image as a column."""
+class TrainingData(NamedTuple):
+    """What `build_training_data` builds. `sampler`: the run's `EpochSpanningSampler` (None when streaming)."""
+
+    dataset: Any
+    loader: Any
+    box_column: str | None
+    sampler: EpochSpanningSampler | None
+
+
+def build_training_data(args, parser, accelerator, model, teacher_mode, mean, std) -> TrainingData:
+    """The data set and its DataLoader. Map-style sets decode and augment in the loader's workers, and one
+    `EpochSpanningSampler` orders the whole run (`RunBatches` cuts it into epochs); `--cache_teacher_attention` first
+    adds the teacher's maps of every image as a column."""
     config = model.config
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     pil_mode = {1: "L", 3: "RGB"}.get(config.num_channels)
@@ -502,14 +514,24 @@ def build_training_data(args, parser, accelerator, model, teacher_mode, mean, st
                                                 generator_module.teacher_attention, 256, accelerator.device,
                                                 teacher_key=teacher_key)
         dataset = MapImageDataset(hf_data, column, size, None, None, pil_mode, args.seed, box_column, args.box_format)
+    sampler = None
+    if not args.streaming:
+        num_processes = accelerator.num_processes
+        batches = batches_per_epoch(len(dataset), args.per_device_train_batch_size, num_processes)
+        if batches == 0:  # drop_last: no incomplete batch
+            parser.error(f"the training set ({len(dataset)} images) is smaller than one batch per process "
+                         f"({args.per_device_train_batch_size} x {num_processes}): lower --per_device_train_batch_size")
+        steps_per_epoch, max_train_steps = training_length(args, batches)
+        sampler = EpochSpanningSampler(len(dataset), args.per_device_train_batch_size, num_processes, args.seed,
+                                       num_epochs=math.ceil(max_train_steps / steps_per_epoch))
     loader_kwargs = dict(batch_size=args.per_device_train_batch_size, collate_fn=collate,
                          num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available())
     if args.dataloader_num_workers > 0:
-        # Workers outlive the epoch (MapImageDataset's epoch is in shared memory) and keep 4 batches each in flight.
+        # 4 batches per worker in flight. Persistent for a stream's next pass; map-style data is one pass (RunBatches).
         loader_kwargs.update(persistent_workers=True, prefetch_factor=4)
     # drop_last, as MAE: every step averages a full batch (a last short batch would weigh its images more).
-    loader = torch.utils.data.DataLoader(dataset, shuffle=not args.streaming, drop_last=True, **loader_kwargs)
-    return dataset, loader, box_column
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **loader_kwargs)
+    return TrainingData(dataset, loader, box_column, sampler)
 
 
 def build_optimizers(args, model, effective_batch):
@@ -936,6 +958,7 @@ class PretrainingRun:
     local_skipped: int = 0  # this process's undecodable images not yet folded into `state.skipped_images`
     last_saved: int | None = None
     window: LoggingWindow = field(default_factory=LoggingWindow)
+    batches: RunBatches | None = None  # the run's one loader iterator, an epoch at a time (None when streaming)
     progress: Any = None
     log_file: Any = None
 
@@ -997,20 +1020,16 @@ def set_up(args, parser, hooks: TrainingHooks) -> PretrainingRun:
     processor, mean, std = image_processor_for(args, parser, config)
     # How pixel_values are normalised, saved with the model: the teacher re-normalises from it to its own statistics.
     config.image_mean, config.image_std = list(mean), list(std)
-    train_dataset, train_dataloader, box_column = build_training_data(args, parser, accelerator, model, teacher_mode,
-                                                                      mean, std)
+    train_dataset, train_dataloader, box_column, sampler = build_training_data(args, parser, accelerator, model,
+                                                                               teacher_mode, mean, std)
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     lr, student_optimizer, d_optimizer = build_optimizers(args, model, effective_batch)
     discriminator = model.discriminator
     model, student_optimizer, train_dataloader = prepare_student(accelerator, model, student_optimizer,
                                                                  train_dataloader)
     unwrapped = accelerator.unwrap_model(model)
-    if not args.streaming and len(train_dataloader) == 0:  # drop_last: no incomplete batch
-        parser.error(f"the training set ({len(train_dataset)} images) is smaller than one batch per process "
-                     f"({args.per_device_train_batch_size} x {accelerator.num_processes}): lower "
-                     "--per_device_train_batch_size")
     cuda_graphs = compile_for_speed(args, unwrapped, accelerator.device)  # after prepare, in place
-    steps_per_epoch, max_train_steps = training_length(args, train_dataloader)
+    steps_per_epoch, max_train_steps = training_length(args, sampler.batches_per_epoch if sampler else None)
     warmup_steps = warmup_length(args, steps_per_epoch, max_train_steps)
     student_scheduler = make_schedule(args, student_optimizer, warmup_steps, max_train_steps)
     d_scheduler = make_schedule(args, d_optimizer, warmup_steps, max_train_steps) if d_optimizer is not None else None
@@ -1039,6 +1058,9 @@ def set_up(args, parser, hooks: TrainingHooks) -> PretrainingRun:
             parser.error(f"--resume_from_checkpoint: {str(resume_path)!r} is at step {run.state.completed_steps}, "
                          f"past the {max_train_steps} steps asked for (--max_train_steps / --num_train_epochs)")
     run.start_step = run.state.completed_steps
+    if sampler is not None:  # one iterator for the run, from the resumed step's batch on
+        skip = (run.start_step % steps_per_epoch) * args.gradient_accumulation_steps
+        run.batches = RunBatches(train_dataloader, sampler, run.start_epoch, skip)
     prepare_output_dir(args, accelerator, arguments)
     if accelerator.is_main_process and args.resume_from_checkpoint:  # step 0 when no checkpoint was found
         keep_log_until(Path(args.output_dir) / "train_log.jsonl", run.start_step)
@@ -1053,11 +1075,18 @@ def set_up(args, parser, hooks: TrainingHooks) -> PretrainingRun:
     return run
 
 
-def training_length(args, train_dataloader) -> tuple[int | None, int]:
-    """-> (optimizer steps per epoch, None when streaming; the run's optimizer steps)."""
+def batches_per_epoch(num_images: int, per_device_batch_size: int, num_processes: int) -> int:
+    """Full batches per epoch on each process (drop_last: an epoch's images that fill no batch on every process wait
+    for the next epoch's shuffle)."""
+    return num_images // (per_device_batch_size * num_processes)
+
+
+def training_length(args, batches: int | None) -> tuple[int | None, int]:
+    """`batches`: per epoch and process (None when streaming) -> (optimizer steps per epoch, None when streaming; the
+    run's optimizer steps). An epoch's last step may hold fewer micro-batches than --gradient_accumulation_steps."""
     if args.streaming:
         return None, args.max_train_steps
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
     return steps_per_epoch, args.max_train_steps or math.ceil(args.num_train_epochs * steps_per_epoch)
 
 
@@ -1091,16 +1120,18 @@ def compile_for_speed(args, model, device: torch.device) -> bool:
 
 
 def train_one_epoch(run: PretrainingRun, epoch: int) -> bool:
-    """One pass over the loader (the resumed epoch from the checkpoint's batch on) -> whether the run is complete."""
+    """One epoch (the resumed one from the checkpoint's batch on) -> whether the run is complete."""
     args, accelerator = run.args, run.accelerator
-    for owner in (run.train_dataset, run.train_dataloader):
-        if hasattr(owner, "set_epoch"):
-            owner.set_epoch(epoch)
-    loader = run.train_dataloader
-    skip_batches = (run.start_step % run.steps_per_epoch) * args.gradient_accumulation_steps if run.steps_per_epoch else 0
-    if epoch == run.start_epoch and skip_batches:
-        loader = accelerator.skip_first_batches(run.train_dataloader, skip_batches)
-    for batch in run.window.timed(loader):
+    if run.batches is not None:  # map-style: the epoch's slice of the run's one iterator
+        batches, epoch_length = run.batches.epoch(epoch), run.batches.batches_in(epoch)
+    else:  # streaming: one pass over the stream
+        for owner in (run.train_dataset, run.train_dataloader):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
+        batches, epoch_length = run.train_dataloader, None
+    for position, batch in enumerate(run.window.timed(batches)):
+        ends_epoch = (position == epoch_length - 1 if epoch_length is not None
+                      else accelerator.gradient_state.end_of_dataloader)
         run.local_skipped += int(batch["skipped"])
         if batch["pixel_values"] is None:  # only possible when streaming: a whole batch undecodable
             continue
@@ -1111,11 +1142,11 @@ def train_one_epoch(run: PretrainingRun, epoch: int) -> bool:
             log_teacher_input(run.unwrapped.mask_generator, batch["pixel_values"])
         micro_index = completed * args.gradient_accumulation_steps + run.micro_in_step
         run.noise_generator.manual_seed(noise_seed(args.seed, accelerator.process_index, micro_index))
-        ends_step = (run.micro_in_step == args.gradient_accumulation_steps - 1
-                     or accelerator.gradient_state.end_of_dataloader)
+        ends_step = run.micro_in_step == args.gradient_accumulation_steps - 1 or ends_epoch
         ends_window = ends_step and ((completed + 1) % args.logging_steps == 0 or completed + 1 == run.max_train_steps)
         step_start = time.perf_counter()
-        output, metrics, diagnostics = train_step(run, batch, diagnose=ends_window)
+        with accumulation_ends_with(run, ends_epoch):
+            output, metrics, diagnostics = train_step(run, batch, diagnose=ends_window)
         run.window.add(metrics, batch["pixel_values"].shape[0], time.perf_counter() - step_start)
         run.first_nonfinite_step = note_nonfinite_loss(run.first_nonfinite_step, metrics, completed + 1)
         run.micro_in_step += 1
@@ -1127,6 +1158,23 @@ def train_one_epoch(run: PretrainingRun, epoch: int) -> bool:
     if args.checkpointing_steps == "epoch":
         save_training_state(run)
     return False
+
+
+@contextlib.contextmanager
+def accumulation_ends_with(run: PretrainingRun, ends_epoch: bool):
+    """An epoch's last micro-batch completes an optimizer step, as it did when every epoch was a loader of its own.
+    accelerate's `accumulate` ends a cycle at its loader's end (`end_of_dataloader`), and the run's one loader ends
+    only with the run, so its flag is raised for the epoch's last micro-batch and lowered again afterwards."""
+    loader = run.batches.loader if run.batches is not None else None
+    if not ends_epoch or loader is None or not hasattr(loader, "end_of_dataloader"):
+        yield
+        return
+    was_the_end = loader.end_of_dataloader
+    loader.end_of_dataloader = True
+    try:
+        yield
+    finally:
+        loader.end_of_dataloader = was_the_end
 
 
 def train_step(run: PretrainingRun, batch: dict, diagnose: bool):
