@@ -66,7 +66,8 @@ AUTOMAE_PRESETS = {
     # The released code's settings, which are also the config's defaults.
     "reference": dict(mask_factor=0.5, adversarial_weight=0.2, gumbel_tau=1.0, gumbel_noise_scale=1.0,
                       box_prior_alpha=0.5, attention_normalization="none", score_scale=1.0, score_head_init="default",
-                      score_head_lr_scale=1.0, discriminator_input_scale="none", discriminator_reads="gumbel_sample"),
+                      score_head_lr_scale=1.0, discriminator_input_scale="none", discriminator_reads="gumbel_sample",
+                      discriminator_instance_noise=0.0),
     # The scores drive the mask from the first step: standardised teacher maps, a head that starts as their mean, and
     # scores three times wider, against the reference's unchanged Gumbel noise; the chosen top-K's noise is raised by
     # 0.1 instead of 0.5, so the chosen patches are masked more often than the rest, not always. Chosen by measurement
@@ -223,6 +224,12 @@ class AutoMAEConfig(PreTrainedConfig):
             the tau-Gumbel-Softmax samples, far peakier than any pseudo-real map whatever the scores, so a D that can
             learn wins outright. `"probabilities"`: the noise-free softmax of the scores, which the score head can
             shape like a pseudo-real rectangle (docs/method.md §8).
+        discriminator_instance_noise (`float`, defaults to 0.0):
+            Gaussian noise of standard deviation `discriminator_instance_noise / L` (in units of a uniform map's entry)
+            added to every map D judges, pseudo-real and generated, in its step and in the generator loss (0, the
+            reference: none). Instance noise blurs what tells the two apart, so that D stays uncertain instead of
+            winning outright and its gradient keeps telling the generator which way is more rectangle-like
+            (docs/method.md §8).
         score_hidden_channels (`int`, defaults to 6):
             Channels of the score head's hidden convolution (6 in the reference).
         teacher_config (`dict`, *optional*):
@@ -298,6 +305,7 @@ class AutoMAEConfig(PreTrainedConfig):
     box_prior_alpha: float = 0.5
     discriminator_input_scale: str = "none"
     discriminator_reads: str = "gumbel_sample"
+    discriminator_instance_noise: float = 0.0
     teacher_outlier_norm_factor: float | None = None
     score_hidden_channels: int = 6
     teacher_config: dict | None = None
@@ -363,6 +371,8 @@ class AutoMAEConfig(PreTrainedConfig):
         validate_outlier_norm_factor(self.teacher_outlier_norm_factor)
         _check(self.discriminator_reads in DISCRIMINATOR_READS, "discriminator_reads",
                f"must be one of {DISCRIMINATOR_READS}, got {self.discriminator_reads!r}")
+        _check(math.isfinite(self.discriminator_instance_noise) and self.discriminator_instance_noise >= 0,
+               "discriminator_instance_noise", f"must be a finite number >= 0, got {self.discriminator_instance_noise}")
         _check(self.score_hidden_channels >= 1, "score_hidden_channels", "must be >= 1")
         _check(self.pooling in ("cls", "mean"), "pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
         strategies = tuple(MASKING_STRATEGY_REGISTRY)  # read at call time: strategies registered later count too

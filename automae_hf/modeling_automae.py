@@ -1135,8 +1135,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         if self.discriminator is None:
             generator_loss, loss = None, reconstruction_loss
         else:
-            scores = self.discriminator(self.judged_maps(sampled.mask_probs, sampled.mask_logits), freeze_weights=True,
-                                        grid_size=grid)
+            judged = self.with_instance_noise(self.judged_maps(sampled.mask_probs, sampled.mask_logits), generator)
+            scores = self.discriminator(judged, freeze_weights=True, grid_size=grid)
             generator_loss = ((scores - 1) ** 2).mean()
             loss = reconstruction_loss + self.config.adversarial_weight * generator_loss
         output = AutoMAEForPreTrainingOutput(
@@ -1159,6 +1159,14 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
         """`[B, L]` generated maps D judges: the Gumbel-Softmax sample (reference) or the scores' own softmax
         (`config.discriminator_reads`); `mask_logits` are log-probabilities."""
         return mask_probs if self.config.discriminator_reads == "gumbel_sample" else mask_logits.exp()
+
+    def with_instance_noise(self, maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`[B, L]` maps plus Gaussian noise of std `config.discriminator_instance_noise / L` (drawn from
+        `generator`), what D reads; unchanged at 0 (the reference)."""
+        if not self.config.discriminator_instance_noise:
+            return maps
+        noise = torch.randn(maps.shape, generator=generator, device=maps.device, dtype=maps.dtype)
+        return maps + noise * (self.config.discriminator_instance_noise / maps.shape[-1])
 
     # ---- the discriminator step ------------------------------------------------------------------------------
     def discriminator_loss(
@@ -1192,7 +1200,8 @@ class AutoMAEForPreTraining(AutoMAEPreTrainedModel):
             fake = self.judged_maps(sample, mask_logits)
             grid = tuple(teacher_attention.shape[-2:])
             real = sample_box_prior(fake.shape[0], grid, self.config.box_prior_alpha, generator, fake.device)
-        scores = (discriminator or self.discriminator)(torch.cat([real, fake]), grid_size=grid).view(2, -1)
+            judged = self.with_instance_noise(torch.cat([real, fake]), generator)
+        scores = (discriminator or self.discriminator)(judged, grid_size=grid).view(2, -1)
         # Row 0 real (target 1), row 1 fake (target 0): both halves at once, in a third of the small ops of two
         # slices (on a GPU each is a kernel launch); the same sums, bit for bit.
         targets = torch.tensor([[1.0], [0.0]], device=scores.device)

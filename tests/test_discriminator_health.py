@@ -167,3 +167,28 @@ def test_discriminator_reads_probabilities_ignores_the_gumbel_noise_and_defaults
     torch.testing.assert_close(d_first.fake_scores, d_second.fake_scores)
     assert not torch.isclose(ref_first.generator_loss, ref_second.generator_loss)
     assert torch.equal(first.mask, ref_first.mask)  # the mask itself is sampled as before
+
+
+def test_instance_noise_blurs_what_d_reads_in_both_losses_and_defaults_to_none():
+    """`discriminator_instance_noise` s adds N(0, (s / L)^2) to every map D reads, pseudo-real and generated, in the D
+    step and in the generator loss; at 0 (the reference) D reads the maps untouched."""
+    assert make_tiny_config().discriminator_instance_noise == 0.0
+    with pytest.raises(ValueError, match="discriminator_instance_noise"):
+        make_tiny_config(discriminator_instance_noise=-1.0)
+    torch.manual_seed(0)
+    clean = AutoMAEForPreTraining(make_tiny_config()).eval()
+    noisy = AutoMAEForPreTraining(make_tiny_config(discriminator_instance_noise=2.0)).eval()
+    noisy.load_state_dict(clean.state_dict())
+    seen = {}
+    for name, model in (("clean", clean), ("noisy", noisy)):
+        model.discriminator.register_forward_hook(
+            lambda module, args, kwargs_output, name=name: seen.setdefault(name, []).append(args[0].detach()))
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for model in (clean, noisy):
+            model.discriminator_loss(x, generator=torch.Generator().manual_seed(5))
+            model(x, generator=torch.Generator().manual_seed(6))
+    for step in (0, 1):  # the D step's [real; fake], then the generator loss's fakes
+        difference = seen["noisy"][step] - seen["clean"][step]
+        assert difference.std().item() == pytest.approx(2.0 / 64, rel=0.1)
+        assert abs(difference.mean().item()) < 0.2 * 2.0 / 64

