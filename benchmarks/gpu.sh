@@ -9,7 +9,7 @@
 #                                     # budget, profile_step.py (the cached arm's extra operator calls, eager and
 #                                     # with D + score head compiled)
 #   bash benchmarks/gpu.sh quality    # < 8 minutes (not yet measured): quality.py --data cluttered, 6000 steps, MAE N /
-#                                     # MAE 2N / AutoMAE / AutoMAE (self) / box prior, 1 seed
+#                                     # MAE 2N / AutoMAE / AutoMAE (self) / AutoMAE cluttered / box prior, 1 seed
 #
 # At most 8 plain files go straight into $OUT (default outputs/gpu), no folders: summary.txt, speed_SIZE_bsBATCH.json,
 # profile.json, loop.json, loop.log, loader.json; quality: quality.txt, quality_report.md, quality_report.json (or
@@ -89,7 +89,7 @@ if [[ "$mode" == "quality" ]]; then
     # shellcheck disable=SC2086
     timeout "${QUALITY_TIMEOUT:-450}" "$PYTHON" benchmarks/quality.py --data "$data" --steps "$steps" \
         --seeds "${QUALITY_SEEDS:-1}" --workers "${WORKERS:-6}" --output_dir "$runs" \
-        --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),box prior}" ${QUALITY_ARGS-$default_args} 2>&1 \
+        --arms "${QUALITY_ARMS:-MAE N,MAE 2N,AutoMAE,AutoMAE (self),AutoMAE cluttered,box prior}" ${QUALITY_ARGS-$default_args} 2>&1 \
         | tee -a "$log" || status=$?
     [[ "$status" == "0" ]] || echo "quality.py stopped (exit $status; 124: over QUALITY_TIMEOUT)" | tee -a "$log"
     # partial.json (the scores so far) only stands in for a report that was not written
@@ -199,7 +199,10 @@ for arm in arms:
     row = {"windows_images_per_s": windows, "loop_images_per_s": statistics.median(steady) if steady else None,
            "model_images_per_s": batch * 1000 / ms if ms else None, "model_source": str(reference.name),
            "run_seconds": int(seconds_file.read_text()) if seconds_file.exists() else None,
-           "compile_seconds": compile_s}
+           "compile_seconds": compile_s,
+           # where each window's time went, to tell a loader stall (data_wait_ms) from a slow step
+           **{f"windows_{key}": [logged.get(key) for logged in rows_logged]
+              for key in ("data_wait_ms", "train_step_ms", "loop_other_ms", "epoch")}}
     row["loop_over_model"] = (row["loop_images_per_s"] / row["model_images_per_s"]
                               if row["loop_images_per_s"] and row["model_images_per_s"] else None)
     rows[names[arm]] = row

@@ -58,6 +58,8 @@ def test_default_mode_speed_loop_and_loader(tmp_path):
     for arm, row in loop.items():
         assert len(row["windows_images_per_s"]) == 4, arm  # every step logged: all three runs finished
         assert row["loop_images_per_s"] > 0 and row["model_images_per_s"] > 0 and row["loop_over_model"] > 0, arm
+        assert len(row["windows_data_wait_ms"]) == len(row["windows_images_per_s"]) > 0, arm  # the host's split
+        assert all(value is not None for value in row["windows_train_step_ms"] + row["windows_epoch"]), arm
     summary = (out / "summary.txt").read_text()
     assert "failed" not in summary and "loop AutoMAE cached" in summary and "cores per GPU" in summary
     assert "kernel launches: not measurable on the CPU" in summary
