@@ -157,9 +157,12 @@ def validate_mask_ratio(mask_ratio, num_patches) -> None:
     _check(visible < num_patches, "mask_ratio", f"={mask_ratio} masks no patch out of {num_patches}")
 
 
-def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches) -> None:
+def validate_sampling(mask_ratio, mask_factor, gumbel_tau, num_patches, masking="learned") -> None:
     validate_mask_ratio(mask_ratio, num_patches)
-    _check(math.isfinite(mask_factor) and mask_factor >= 0, "mask_factor", f"must be finite and >= 0, got {mask_factor}")
+    _check(math.isfinite(mask_factor), "mask_factor", f"must be finite, got {mask_factor}")
+    # A negative factor keeps the boxes visible first: a control for the box prior, meaningless for a learned top-K.
+    _check(mask_factor >= 0 or masking == "box_prior", "mask_factor",
+           f"must be >= 0 with masking={masking!r} (only 'box_prior' takes a negative factor), got {mask_factor}")
     _check(math.isfinite(gumbel_tau) and gumbel_tau > 0, "gumbel_tau", f"must be finite and > 0, got {gumbel_tau}")
 
 
@@ -251,7 +254,8 @@ class AutoMAEConfig(PreTrainedConfig):
             How the masked patches are chosen; every strategy keeps exactly `int(L * (1 - mask_ratio))` visible.
             `"learned"`: AutoMAE. `"random"`: plain MAE, the baseline (no teacher, generator or discriminator).
             `"box_prior"`: the paper's pilot; the boxes passed to `forward(boxes=...)` raise the noise of the
-            patches whose centre they contain by `mask_factor` (no teacher, generator or discriminator).
+            patches whose centre they contain by `mask_factor` (no teacher, generator or discriminator); a negative
+            `mask_factor` keeps them visible first instead, a control for where the mask falls.
             `"attention"`: AttMask "high"; the `L - K` patches with the highest teacher CLS attention (mean over
             heads, on the student's grid) are masked (teacher only; no score-head training, no discriminator).
         box_format (`str`, defaults to `"xyxy"`):
@@ -358,7 +362,7 @@ class AutoMAEConfig(PreTrainedConfig):
             _check(heads > 0 and hidden % heads == 0, f"{prefix}hidden_size",
                    f"({hidden}) must be a multiple of {prefix}num_attention_heads ({heads})")
             _check(getattr(self, f"{prefix}num_hidden_layers") >= 0, f"{prefix}num_hidden_layers", "must be >= 0")
-        validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1])
+        validate_sampling(self.mask_ratio, self.mask_factor, self.gumbel_tau, grid[0] * grid[1], self.masking)
         validate_noise_scale(self.gumbel_noise_scale)
         validate_score_inputs(self.teacher_image_size, self.attention_normalization, self.score_scale)
         _check(self.score_head_init in ("default", "attention"), "score_head_init",

@@ -504,7 +504,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(default {defaults.background_noise})")
     parser.add_argument("--box_mask_factors", default=None,
                         help="cluttered: the box prior's mask_factor values swept, comma-separated (default "
-                             f"{','.join(map(str, CLUTTERED_MASK_FACTORS))}); the best on validation is marked")
+                             f"{','.join(map(str, CLUTTERED_MASK_FACTORS))}); the best on validation is marked. A negative "
+                             "factor keeps the box visible first, a control (write --box_mask_factors=-0.1,0.1)")
     parser.add_argument("--select_metric", choices=list(METRICS), default=None,
                         help="cluttered: the validation score choices are made on (default linear)")
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls",

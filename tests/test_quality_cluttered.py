@@ -60,6 +60,24 @@ def test_focus_counts_the_mask_inside_the_recorded_box(arrays, tmp_path):
     assert focus["object masked"] == pytest.approx(1.0)
 
 
+def test_a_negative_box_factor_keeps_the_box_visible_first(arrays, tmp_path):
+    """mask_factor -1 masks every outside patch first: the box is masked only where the outside has too few patches,
+    so the masked share in the box is max(0, masked - outside patches) / masked. The learned top-K refuses it."""
+    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior", mask_factor=-1.0)
+    AutoMAEForPreTraining(config).save_pretrained(tmp_path / "box_spared")
+    images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
+    boxes = arrays["test_boxes"]
+    focus = quality.foreground_focus(tmp_path / "box_spared", images, 0.5, 0.5, seed=0, boxes=boxes)
+
+    _, inside = quality.object_patches(images, boxes, patch=8)
+    masked = 64 - int(64 * (1 - config.mask_ratio))
+    expected = np.maximum(masked - (64 - inside.sum(1).numpy()), 0).sum() / (masked * len(images))
+    assert focus["masked"] == pytest.approx(expected)
+    assert focus["masked"] < focus["grid"]
+    with pytest.raises(ValueError, match="`mask_factor`.*only 'box_prior'"):
+        make_tiny_config(masking="learned", mask_factor=-0.1)
+
+
 def test_the_box_prior_sweep_is_chosen_on_validation_and_the_report_says_so():
     validation = {"box prior beta 0.1": {"linear": [60.0]}, "box prior beta 0.5": {"linear": [50.0]}}
     test = {"MAE N": {"linear": [40.0]}, "box prior beta 0.1": {"linear": [45.0]},
