@@ -32,7 +32,7 @@
 #   loader:  LOADER=0 skips it; LOADER_ARGS (--images 512 --workers 1 4)
 #   quality: QUALITY_DATA (cluttered; or subset, debian), QUALITY_STEPS (6000 cluttered, else 2000), QUALITY_SEEDS
 #            (1), QUALITY_ARMS, WORKERS (6), QUALITY_TIMEOUT (450 s), QUALITY_ARGS (quality.py's flags; cluttered:
-#            --object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors 0.1,0.25 --no_finetune)
+#            --object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors=-0.1,0.1,0.25 --no_finetune)
 # A CPU check of the whole script: DEVICE=cpu SETUP=0 SIZES=tiny BATCHES=8 STEPS=2 LOOP_CONFIG=... (tests/test_gpu_script.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +73,7 @@ if [[ "$mode" == "quality" ]]; then
     default_args=""
     if [[ "$data" == "cluttered" ]]; then  # the CPU pilots' best setting (benchmarks/RESULTS.md), 10x their 600 steps
         steps="${QUALITY_STEPS:-6000}"
-        default_args="--object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors 0.1,0.25 --no_finetune"
+        default_args="--object_scale 1.5 --fragments 0 --background_noise 160 --box_mask_factors=-0.1,0.1,0.25 --no_finetune"
     fi
     runs="${QUALITY_DIR:-outputs/quality_gpu}"
     folder="$runs/${data}_N${steps}"
