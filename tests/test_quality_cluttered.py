@@ -42,20 +42,23 @@ def test_pretraining_data_is_the_train_split_with_the_recorded_boxes(arrays, tmp
     assert {name: len(split) for name, split in labelled.items()} == {"train": 30, "validation": 10, "test": 24}
 
 
+def box_prior_focus(arrays, folder, mask_factor: float):
+    """`foreground_focus` of an untrained box-prior model on the test canvases -> (focus, box patches per image
+    `[N]`, masked patches per image)."""
+    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior", mask_factor=mask_factor)
+    AutoMAEForPreTraining(config).save_pretrained(folder)
+    images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
+    focus = quality.foreground_focus(folder, images, 0.5, 0.5, seed=0, boxes=arrays["test_boxes"])
+    _, inside = quality.object_patches(images, arrays["test_boxes"], patch=8)
+    return focus, inside.sum(1).numpy(), 64 - int(64 * (1 - config.mask_ratio))
+
+
 def test_focus_counts_the_mask_inside_the_recorded_box(arrays, tmp_path):
     """mask_factor 1 masks every box patch first: the masked share in the box is min(box patches, masked) / masked,
     read on the box (centre rule), not on the non-zero pixels; the grid share is `box_patch_share`."""
-    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior", mask_factor=1.0)
-    AutoMAEForPreTraining(config).save_pretrained(tmp_path / "box_prior")
-    images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
-    boxes = arrays["test_boxes"]
-    focus = quality.foreground_focus(tmp_path / "box_prior", images, 0.5, 0.5, seed=0, boxes=boxes)
-
-    _, inside = quality.object_patches(images, boxes, patch=8)
-    masked = 64 - int(64 * (1 - config.mask_ratio))
-    expected = np.minimum(inside.sum(1).numpy(), masked).sum() / (masked * len(images))
-    assert focus["masked"] == pytest.approx(expected)
-    assert focus["grid"] == pytest.approx(box_patch_share(boxes, canvas=64, patch=8))
+    focus, box_patches, masked = box_prior_focus(arrays, tmp_path / "box_prior", 1.0)
+    assert focus["masked"] == pytest.approx(np.minimum(box_patches, masked).mean() / masked)
+    assert focus["grid"] == pytest.approx(box_patch_share(arrays["test_boxes"], canvas=64, patch=8))
     assert focus["grid"] < focus["masked"]  # the object covers a minority of the grid: every box patch is masked
     assert focus["object masked"] == pytest.approx(1.0)
 
@@ -63,16 +66,8 @@ def test_focus_counts_the_mask_inside_the_recorded_box(arrays, tmp_path):
 def test_a_negative_box_factor_keeps_the_box_visible_first(arrays, tmp_path):
     """mask_factor -1 masks every outside patch first: the box is masked only where the outside has too few patches,
     so the masked share in the box is max(0, masked - outside patches) / masked. The learned top-K refuses it."""
-    config = make_tiny_config(image_size=64, patch_size=8, num_channels=1, masking="box_prior", mask_factor=-1.0)
-    AutoMAEForPreTraining(config).save_pretrained(tmp_path / "box_spared")
-    images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
-    boxes = arrays["test_boxes"]
-    focus = quality.foreground_focus(tmp_path / "box_spared", images, 0.5, 0.5, seed=0, boxes=boxes)
-
-    _, inside = quality.object_patches(images, boxes, patch=8)
-    masked = 64 - int(64 * (1 - config.mask_ratio))
-    expected = np.maximum(masked - (64 - inside.sum(1).numpy()), 0).sum() / (masked * len(images))
-    assert focus["masked"] == pytest.approx(expected)
+    focus, box_patches, masked = box_prior_focus(arrays, tmp_path / "box_spared", -1.0)
+    assert focus["masked"] == pytest.approx(np.maximum(masked - (64 - box_patches), 0).mean() / masked)
     assert focus["masked"] < focus["grid"]
     with pytest.raises(ValueError, match="`mask_factor`.*only 'box_prior'"):
         make_tiny_config(masking="learned", mask_factor=-0.1)
