@@ -10,6 +10,7 @@ import torch
 from conftest import REPO_ROOT, make_tiny_config
 
 from automae_hf import AutoMAEForPreTraining
+from automae_hf.configuration_automae import num_visible_patches
 from automae_hf.training.cluttered import ClutterSettings, box_patch_share, make_cluttered_splits
 
 spec = importlib.util.spec_from_file_location("quality", REPO_ROOT / "benchmarks" / "quality.py")
@@ -50,7 +51,7 @@ def box_prior_focus(arrays, folder, mask_factor: float):
     images = torch.tensor(arrays["test_images"]).float().unsqueeze(1) / 255
     focus = quality.foreground_focus(folder, images, 0.5, 0.5, seed=0, boxes=arrays["test_boxes"])
     _, inside = quality.object_patches(images, arrays["test_boxes"], patch=8)
-    return focus, inside.sum(1).numpy(), 64 - int(64 * (1 - config.mask_ratio))
+    return focus, inside.sum(1).numpy(), 64 - num_visible_patches(64, config.mask_ratio)
 
 
 def test_focus_counts_the_mask_inside_the_recorded_box(arrays, tmp_path):
